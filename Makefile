@@ -1,0 +1,43 @@
+# Every target bootstraps its own virtual environment from nothing (python3 >= 3.11 and pip).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PY := $(BIN)/python
+
+.PHONY: install demo run test test-fast lint format bench clean
+
+install: $(VENV)/.installed
+
+# The same install command the Dockerfile uses: the project and its dev extras, from PyPI.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+demo: install
+	$(PY) -m relay.demo
+
+run: install
+	$(BIN)/relay serve
+
+test: install
+	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
+
+lint: install
+	$(BIN)/ruff check relay tests
+	$(BIN)/ruff format --check relay tests
+	$(BIN)/mypy
+
+format: install
+	$(BIN)/ruff check --fix relay tests
+	$(BIN)/ruff format relay tests
+
+bench: install
+	$(PY) -m bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

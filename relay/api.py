@@ -1,0 +1,353 @@
+"""The relay's HTTP API: validate, call the store, answer JSON. No SQL and no outbound HTTP here."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import re
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from relay import logs
+from relay.delivery import iso_utc
+from relay.errors import Problem, invalid_field
+from relay.models import TASK_ID_PREFIX, NewWatch, Watch, WatchState
+from relay.netpolicy import CallbackUrlRejected
+from relay.state import (
+    CALLBACK_CHECK,
+    CLOCK,
+    DELIVERER,
+    METRICS,
+    POLLER,
+    SETTINGS,
+    STORE,
+    loops_alive,
+)
+from relay.store.base import StoreConflict, StoreUnavailable
+
+log = logging.getLogger("relay.api")
+
+MAX_BODY_BYTES = 64 * 1024
+MAX_METADATA_BYTES = 4 * 1024
+MAX_TASK_ID_LENGTH = 128
+MAX_URL_LENGTH = 2048
+DEFAULT_PAGE = 100
+MAX_PAGE = 1000
+
+_TASK_ID_RE = re.compile(r"[A-Za-z0-9_-]+")
+_WATCH_ID_RE = re.compile(r"wt_[0-9a-f]{32}")
+_WATCH_FIELDS = frozenset({"taskId", "callbackUrl", "metadata"})
+
+routes = web.RouteTableDef()
+
+
+def new_watch_id(now: float) -> str:
+    """`wt_` + 12 hex digits of milliseconds + 20 random hex digits: ids sort by creation time."""
+    return f"wt_{int(now * 1000):012x}{secrets.token_hex(10)}"
+
+
+def watch_json(watch: Watch) -> dict[str, Any]:
+    return {
+        "watchId": watch.watch_id,
+        "taskId": watch.task_id,
+        "callbackUrl": watch.callback_url,
+        "metadata": watch.metadata,
+        "state": watch.state.value,
+        "taskStatus": watch.task_status,
+        "polls": watch.polls,
+        "nextPollAt": None if watch.next_poll_at is None else iso_utc(watch.next_poll_at),
+        "deliveryAttempts": watch.delivery_attempts,
+        "lastError": watch.last_error,
+        "createdAt": iso_utc(watch.created_at),
+        "updatedAt": iso_utc(watch.updated_at),
+        "deadlineAt": iso_utc(watch.deadline_at),
+    }
+
+
+def json_response(
+    body: Any, *, status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
+    return web.Response(
+        status=status, body=orjson.dumps(body), content_type="application/json", headers=headers
+    )
+
+
+def store_unavailable(exc: StoreUnavailable) -> Problem:
+    return Problem(
+        503,
+        "the store cannot take this request right now; nothing was changed, retry later",
+        kind="store-unavailable",
+        headers={"Retry-After": "5"},
+    )
+
+
+# --- validation -----------------------------------------------------------------------------------
+
+
+async def read_json_object(request: web.Request) -> dict[str, Any]:
+    if request.content_type != "application/json":
+        raise Problem(
+            415, "the body must be JSON with Content-Type: application/json", kind="content-type"
+        )
+    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
+        raise _too_large()
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise _too_large() from None
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise Problem(400, f"the body is not valid JSON: {exc.msg}", kind="bad-json") from None
+    if not isinstance(body, dict):
+        raise Problem(422, "the body must be a JSON object", kind="invalid-body")
+    return body
+
+
+def _too_large() -> Problem:
+    return Problem(413, f"the body is over {MAX_BODY_BYTES} bytes", kind="too-large")
+
+
+def validate_task_id(value: Any, field: str = "taskId") -> str:
+    if not isinstance(value, str):
+        raise invalid_field(field, "must be a string")
+    if not value.startswith(TASK_ID_PREFIX):
+        raise invalid_field(field, f"must start with {TASK_ID_PREFIX!r}")
+    if len(value) > MAX_TASK_ID_LENGTH:
+        raise invalid_field(field, f"must be at most {MAX_TASK_ID_LENGTH} characters")
+    if len(value) == len(TASK_ID_PREFIX) or not _TASK_ID_RE.fullmatch(value):
+        raise invalid_field(field, "may contain only letters, digits, '-' and '_' after the prefix")
+    return value
+
+
+def validate_metadata(value: Any) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise invalid_field("metadata", "must be a JSON object")
+    if len(orjson.dumps(value)) > MAX_METADATA_BYTES:
+        raise invalid_field("metadata", f"must be at most {MAX_METADATA_BYTES} bytes as JSON")
+    return value
+
+
+async def validate_watch(request: web.Request, body: dict[str, Any]) -> NewWatch:
+    unknown = sorted(set(body) - _WATCH_FIELDS)
+    if unknown:
+        raise invalid_field(unknown[0], "is not a field of a watch (taskId, callbackUrl, metadata)")
+    for required in ("taskId", "callbackUrl"):
+        if required not in body:
+            raise invalid_field(required, "is required")
+    task_id = validate_task_id(body["taskId"])
+    url = body["callbackUrl"]
+    if not isinstance(url, str):
+        raise invalid_field("callbackUrl", "must be a string")
+    try:
+        checked = await request.app[CALLBACK_CHECK](url)
+    except CallbackUrlRejected as exc:
+        raise Problem(422, exc.reason, kind="invalid-field", field="callbackUrl") from None
+    return NewWatch(
+        task_id=task_id, callback_url=str(checked), metadata=validate_metadata(body.get("metadata"))
+    )
+
+
+def watch_id_of(request: web.Request) -> str:
+    watch_id = request.match_info["watch_id"]
+    if not _WATCH_ID_RE.fullmatch(watch_id):
+        raise _unknown_watch(watch_id)
+    return watch_id
+
+
+def _unknown_watch(watch_id: str) -> Problem:
+    return Problem(404, "no watch has this id", kind="unknown-watch")
+
+
+# --- middlewares ----------------------------------------------------------------------------------
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def problem_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every error leaves as problem+json, aiohttp's own 404/405/413 included."""
+    try:
+        return await handler(request)
+    except Problem as problem:
+        return problem.response(instance=request.path)
+    except StoreUnavailable as exc:
+        request.app[METRICS].store_errors.inc()
+        logs.event(log, "store_unavailable", logging.ERROR, path=request.path, detail=str(exc))
+        return store_unavailable(exc).response(instance=request.path)
+    except web.HTTPRequestEntityTooLarge:
+        return _too_large().response(instance=request.path)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        kind = {404: "not-found", 405: "method-not-allowed"}.get(exc.status, "http-error")
+        headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        return Problem(exc.status, exc.reason, kind=kind, headers=headers).response(
+            instance=request.path
+        )
+
+
+@web.middleware
+async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    started = time.perf_counter()
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else "unmatched"
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    finally:
+        metrics = request.app[METRICS]
+        metrics.http_requests.labels(route, request.method, str(status)).inc()
+        metrics.http_duration.labels(route, request.method).observe(time.perf_counter() - started)
+
+
+def auth_middleware(tokens: tuple[bytes, ...]) -> Callable[..., Awaitable[web.StreamResponse]]:
+    @web.middleware
+    async def check_token(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if tokens and request.path.startswith("/watch"):
+            header = request.headers.get("Authorization", "")
+            scheme, _, presented = header.partition(" ")
+            # Compare against every token, whatever matches, so timing says nothing.
+            matched = False
+            for token in tokens:
+                matched |= hmac.compare_digest(presented.strip().encode(), token)
+            if scheme.lower() != "bearer" or not matched:
+                raise Problem(
+                    401,
+                    "a valid bearer token is required (Authorization: Bearer <token>)",
+                    kind="unauthorized",
+                    headers={"WWW-Authenticate": 'Bearer realm="relay"'},
+                )
+        return await handler(request)
+
+    return check_token
+
+
+# --- handlers -------------------------------------------------------------------------------------
+
+
+@routes.post("/watch")
+async def create_watch(request: web.Request) -> web.Response:
+    app = request.app
+    body = await read_json_object(request)
+    new = await validate_watch(request, body)
+    now = app[CLOCK]()
+    watch, created = await app[STORE].register(
+        new,
+        watch_id=new_watch_id(now),
+        now=now,
+        deadline_at=now + app[SETTINGS].watch_timeout_s,
+    )
+    location = {"Location": f"/watch/{watch.watch_id}"}
+    if not created:
+        return json_response(watch_json(watch), status=200, headers=location)
+    app[METRICS].watches_registered.inc()
+    app[POLLER].wake()
+    logs.event(log, "watch_registered", watch_id=watch.watch_id, task_id=watch.task_id)
+    return json_response(watch_json(watch), status=201, headers=location)
+
+
+@routes.get("/watch/{watch_id}")
+async def get_watch(request: web.Request) -> web.Response:
+    watch_id = watch_id_of(request)
+    watch = await request.app[STORE].get_watch(watch_id)
+    if watch is None:
+        raise _unknown_watch(watch_id)
+    return json_response(watch_json(watch))
+
+
+@routes.delete("/watch/{watch_id}")
+async def cancel_watch(request: web.Request) -> web.Response:
+    watch_id = watch_id_of(request)
+    app = request.app
+    before = await app[STORE].get_watch(watch_id)
+    try:
+        watch = await app[STORE].cancel_watch(watch_id, now=app[CLOCK]())
+    except StoreConflict as exc:
+        raise Problem(409, f"cannot cancel: {exc}", kind="conflict") from None
+    if watch is None:
+        raise _unknown_watch(watch_id)
+    if before is not None and before.state is not WatchState.CANCELLED:
+        app[METRICS].watches_finished.labels("cancelled").inc()
+        logs.event(log, "watch_cancelled", watch_id=watch_id, task_id=watch.task_id)
+    return web.Response(status=204)
+
+
+@routes.post("/watch/{watch_id}/redeliver")
+async def redeliver(request: web.Request) -> web.Response:
+    watch_id = watch_id_of(request)
+    app = request.app
+    try:
+        watch = await app[STORE].redeliver(watch_id, now=app[CLOCK]())
+    except StoreConflict as exc:
+        raise Problem(409, f"cannot redeliver: {exc}", kind="conflict") from None
+    if watch is None:
+        raise _unknown_watch(watch_id)
+    app[DELIVERER].wake()
+    logs.event(log, "redelivery_queued", watch_id=watch_id, task_id=watch.task_id)
+    return json_response(watch_json(watch), status=202)
+
+
+@routes.get("/watches")
+async def list_watches(request: web.Request) -> web.Response:
+    query = request.query
+    unknown = sorted(set(query) - {"state", "taskId", "limit", "cursor"})
+    if unknown:
+        raise invalid_field(unknown[0], "is not a query parameter (state, taskId, limit, cursor)")
+    state = None
+    if "state" in query:
+        try:
+            state = WatchState(query["state"])
+        except ValueError:
+            choices = ", ".join(s.value for s in WatchState)
+            raise invalid_field("state", f"must be one of {choices}") from None
+    task_id = validate_task_id(query["taskId"]) if "taskId" in query else None
+    limit = DEFAULT_PAGE
+    if "limit" in query:
+        raw = query["limit"]
+        if not raw.isdigit() or not 1 <= int(raw) <= MAX_PAGE:
+            raise invalid_field("limit", f"must be an integer from 1 to {MAX_PAGE}")
+        limit = int(raw)
+    cursor = query.get("cursor")
+    if cursor is not None and not _WATCH_ID_RE.fullmatch(cursor):
+        raise invalid_field("cursor", "is not a cursor this API returned")
+    watches = await request.app[STORE].list_watches(
+        state=state, task_id=task_id, limit=limit + 1, after=cursor
+    )
+    page = watches[:limit]
+    next_cursor = page[-1].watch_id if len(watches) > limit else None
+    return json_response({"watches": [watch_json(w) for w in page], "nextCursor": next_cursor})
+
+
+@routes.get("/healthz")
+async def healthz(request: web.Request) -> web.Response:
+    return json_response({"status": "ok"})
+
+
+@routes.get("/readyz")
+async def readyz(request: web.Request) -> web.Response:
+    app = request.app
+    checks = {"store": "ok", "loops": "ok"}
+    try:
+        await app[STORE].ping()
+    except StoreUnavailable:
+        checks["store"] = "unavailable"
+    if not loops_alive(app):
+        checks["loops"] = "stopped"
+    ready = all(v == "ok" for v in checks.values())
+    return json_response(
+        {"status": "ready" if ready else "not ready", "checks": checks},
+        status=200 if ready else 503,
+    )

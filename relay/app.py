@@ -1,0 +1,224 @@
+"""The application factory: routes, middlewares, and every resource and loop in a cleanup context.
+
+Start-up order (cleanup runs in reverse, and only for what started): store -> HTTP clients ->
+loops. Stopping sets one event, gives in-flight polls and callbacks `shutdown_timeout_s` to
+finish, then cancels the rest; their leases hand them to the next start, so nothing is lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+from prometheus_client.aiohttp import make_aiohttp_handler
+from yarl import URL
+
+from relay import __version__, api, logs
+from relay.config import Settings
+from relay.delivery import CallbackSender, Deliverer
+from relay.metrics import Metrics
+from relay.models import ACTIVE_STATES, WatchState
+from relay.netpolicy import CallbackPolicy, check_callback_url, make_callback_connector
+from relay.policy import DeliveryPolicy, PollPolicy
+from relay.poller import Poller
+from relay.state import (
+    CALLBACK_CHECK,
+    CLOCK,
+    DELIVERER,
+    LOOP_TASKS,
+    METRICS,
+    POLLER,
+    SETTINGS,
+    STOPPING,
+    STORE,
+)
+from relay.store import Store, StoreUnavailable, open_store
+from relay.upstream import UpstreamClient
+
+log = logging.getLogger("relay.app")
+
+GAUGE_REFRESH_S = 5.0
+
+Resolve = Callable[[str, int], Awaitable[list[str]]]
+
+
+def create_app(
+    settings: Settings,
+    *,
+    store: Store | None = None,
+    clock: Callable[[], float] = time.time,
+    rand: Callable[[], float] = random.random,
+    registry: CollectorRegistry | None = None,
+    run_loops: bool = True,
+    on_fatal: Callable[[], None] | None = None,
+) -> web.Application:
+    """Build the relay. Tests pass their own store, clock, randomness, or `run_loops=False` to
+    drive `app[POLLER].tick(now)` and `app[DELIVERER].tick(now)` by hand."""
+    tokens = tuple(t.value.encode() for t in settings.api_tokens)
+    app = web.Application(
+        client_max_size=api.MAX_BODY_BYTES,
+        middlewares=[api.metrics_middleware, api.problem_middleware, api.auth_middleware(tokens)],
+    )
+    metrics = Metrics(registry)
+    app[SETTINGS] = settings
+    app[METRICS] = metrics
+    app[CLOCK] = clock
+    app[STOPPING] = asyncio.Event()
+    app[LOOP_TASKS] = []
+    policy = CallbackPolicy(allow_nets=settings.callback_allow_nets)
+
+    async def check_callback(url: str) -> URL:
+        return await check_callback_url(url, policy)
+
+    app[CALLBACK_CHECK] = check_callback
+
+    app.add_routes(api.routes)
+    app.router.add_get("/metrics", make_aiohttp_handler(metrics.registry))
+
+    app.cleanup_ctx.append(partial(_store_ctx, store=store))
+    app.cleanup_ctx.append(partial(_loops_ctx, policy=policy, rand=rand, run_loops=run_loops,
+                                   on_fatal=on_fatal))  # fmt: skip
+    return app
+
+
+async def _store_ctx(app: web.Application, *, store: Store | None) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    owned = store is None
+    app[STORE] = (
+        store
+        if store is not None
+        else await open_store(settings.store_url, synchronous=settings.sqlite_synchronous)
+    )
+    logs.event(log, "relay_starting", version=__version__, upstream=settings.upstream_url)
+    yield
+    if owned:
+        await app[STORE].close()
+
+
+async def _loops_ctx(
+    app: web.Application,
+    *,
+    policy: CallbackPolicy,
+    rand: Callable[[], float],
+    run_loops: bool,
+    on_fatal: Callable[[], None] | None,
+) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    metrics = app[METRICS]
+    store = app[STORE]
+    clock = app[CLOCK]
+    upstream_session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=settings.upstream_concurrency),
+        json_serialize=lambda obj: "",  # never used: the relay only GETs upstream
+    )
+    callback_session = aiohttp.ClientSession(
+        connector=make_callback_connector(policy, limit=settings.delivery_concurrency)
+    )
+    api_key = settings.upstream_api_key.value if settings.upstream_api_key else None
+    deliverer = Deliverer(
+        store=store,
+        sender=CallbackSender(
+            callback_session,
+            keys=settings.signing_key_bytes,
+            timeout_s=settings.delivery_timeout_s,
+        ),
+        metrics=metrics,
+        policy=DeliveryPolicy.from_settings(settings),
+        concurrency=settings.delivery_concurrency,
+        lease_s=settings.delivery_lease_s,
+        clock=clock,
+        rand=rand,
+    )
+    poller = Poller(
+        store=store,
+        fetcher=UpstreamClient(
+            upstream_session,
+            base_url=settings.upstream_url,
+            api_key=api_key,
+            timeout_s=settings.upstream_timeout_s,
+        ),
+        metrics=metrics,
+        policy=PollPolicy.from_settings(settings),
+        rps=settings.upstream_rps,
+        concurrency=settings.upstream_concurrency,
+        lease_s=settings.poll_lease_s,
+        clock=clock,
+        rand=rand,
+        on_finished=deliverer.wake,
+    )
+    app[POLLER] = poller
+    app[DELIVERER] = deliverer
+    stopping = app[STOPPING]
+    if run_loops:
+        for name, coro in (
+            ("poll", poller.run(stopping)),
+            ("delivery", deliverer.run(stopping)),
+            ("gauges", _refresh_gauges(app, stopping)),
+        ):
+            task = asyncio.create_task(coro, name=f"relay-{name}")
+            task.add_done_callback(partial(_loop_ended, stopping=stopping, on_fatal=on_fatal))
+            app[LOOP_TASKS].append(task)
+    try:
+        yield
+    finally:
+        stopping.set()
+        await _stop_loops(app[LOOP_TASKS], (poller, deliverer), settings.shutdown_timeout_s)
+        await upstream_session.close()
+        await callback_session.close()
+
+
+def _loop_ended(
+    task: asyncio.Task[None], *, stopping: asyncio.Event, on_fatal: Callable[[], None] | None
+) -> None:
+    if task.cancelled() or stopping.is_set():
+        return
+    # A loop must never end on its own: run half-alive and watches silently stall. Stop instead.
+    exc = task.exception()
+    log.critical("loop_died", extra={"loop": task.get_name(), "detail": repr(exc)}, exc_info=exc)
+    stopping.set()
+    if on_fatal is not None:
+        on_fatal()
+
+
+async def _stop_loops(
+    tasks: list[asyncio.Task[None]], loops: tuple[Poller, Deliverer], timeout_s: float
+) -> None:
+    if not tasks:
+        return
+    _, pending = await asyncio.wait(tasks, timeout=timeout_s)
+    if pending:
+        logs.event(log, "drain_timeout", logging.WARNING, in_flight=sum(x.in_flight for x in loops))
+        for loop in loops:
+            await loop.cancel_in_flight()
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+    logs.event(log, "relay_stopped")
+
+
+async def refresh_gauges(app: web.Application) -> None:
+    """Set the state gauges from the store (the store is the truth when replicas share it)."""
+    counts = await app[STORE].count_by_state()
+    metrics = app[METRICS]
+    for state, count in counts.items():
+        metrics.watches_by_state.labels(state.value).set(count)
+    metrics.watches_active.set(sum(counts[s] for s in ACTIVE_STATES))
+    metrics.callbacks_backlog.set(counts[WatchState.DELIVERING])
+
+
+async def _refresh_gauges(app: web.Application, stopping: asyncio.Event) -> None:
+    while not stopping.is_set():
+        try:
+            await refresh_gauges(app)
+        except StoreUnavailable:
+            app[METRICS].store_errors.inc()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stopping.wait(), timeout=GAUGE_REFRESH_S)

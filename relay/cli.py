@@ -1,0 +1,90 @@
+"""`relay serve | fake-upstream | migrate` (also `python -m relay ...`)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+from aiohttp import web
+
+from relay import __version__, logs
+from relay.config import ConfigError, Settings
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="relay", description="hiapi task relay")
+    parser.add_argument("--version", action="version", version=f"hiapi-relay {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("serve", help="run the relay (settings from RELAY_* environment variables)")
+    sub.add_parser("migrate", help="create or upgrade the store's schema, then exit")
+    fake = sub.add_parser("fake-upstream", help="run a local simulator of the hiapi task API")
+    fake.add_argument("--host", default="127.0.0.1")
+    fake.add_argument("--port", type=int, default=8081)
+    fake.add_argument("--api-key", default=os.environ.get("FAKE_UPSTREAM_API_KEY"))
+    fake.add_argument("--queued-s", type=float, default=1.0, help="seconds a task stays queued")
+    fake.add_argument("--handling-s", type=float, default=2.0, help="seconds a task is handled")
+    fake.add_argument("--archiving-s", type=float, default=0.5, help="seconds in archiving")
+    args = parser.parse_args(argv)
+
+    if args.command == "fake-upstream":
+        return _fake_upstream(args)
+    try:
+        settings = Settings.from_env()
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    logs.configure(settings.log_level)
+    if args.command == "migrate":
+        return asyncio.run(_migrate(settings))
+    return _serve(settings)
+
+
+def _serve(settings: Settings) -> int:
+    from relay.app import create_app
+
+    app = create_app(settings, on_fatal=lambda: signal.raise_signal(signal.SIGTERM))
+    web.run_app(
+        app,
+        host=settings.host,
+        port=settings.port,
+        # Handlers get this long after SIGTERM; the loops' drain bound is the same setting.
+        shutdown_timeout=settings.shutdown_timeout_s,
+        access_log=None,
+        print=None,
+    )
+    return 0
+
+
+async def _migrate(settings: Settings) -> int:
+    from relay.store import open_store
+
+    store = await open_store(settings.store_url, synchronous=settings.sqlite_synchronous)
+    await store.close()
+    print("store schema is up to date", file=sys.stderr)
+    return 0
+
+
+def _fake_upstream(args: argparse.Namespace) -> int:
+    from relay.fake_upstream import Schedule, run_fake_upstream
+
+    logs.configure("INFO")
+    stop = asyncio.Event()
+
+    async def serve() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        schedule = Schedule(
+            queued_s=args.queued_s, handling_s=args.handling_s, archiving_s=args.archiving_s
+        )
+        print(f"fake upstream on http://{args.host}:{args.port}", file=sys.stderr, flush=True)
+        await run_fake_upstream(
+            args.host, args.port, api_key=args.api_key, schedule=schedule, stop=stop
+        )
+
+    asyncio.run(serve())
+    return 0

@@ -1,0 +1,174 @@
+"""The callback loop: claim due callbacks, sign and POST each once, record the attempt.
+
+The body of a watch's callback is built only from persisted fields, so every retry and every
+restart sends the same bytes under the same `webhook-id`; only `webhook-timestamp` (and so the
+signature) is per attempt, as the Standard Webhooks spec asks.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import Protocol
+
+import aiohttp
+import orjson
+
+from relay import __version__, logs, signing
+from relay.metrics import Metrics
+from relay.models import DeliveryJob, DeliveryOutcome, DeliveryResult
+from relay.policy import DeliveryPolicy, classify_delivery, parse_retry_after, plan_after_delivery
+from relay.store.base import Store
+from relay.workloop import WorkLoop
+
+USER_AGENT = f"hiapi-relay/{__version__}"
+
+
+def message_id(watch_id: str) -> str:
+    """The `webhook-id` of a watch's callback: one per watch, the same on every attempt."""
+    return f"msg_{watch_id}"
+
+
+def iso_utc(epoch_s: float) -> str:
+    return datetime.fromtimestamp(epoch_s, UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
+
+
+def callback_body(job: DeliveryJob) -> bytes:
+    """The Standard Webhooks envelope; `task` is the upstream `data` object verbatim (or null)."""
+    return orjson.dumps(
+        {
+            "type": job.event_type.value,
+            "timestamp": iso_utc(job.event_at),
+            "data": {
+                "watchId": job.watch_id,
+                "taskId": job.task_id,
+                "metadata": job.metadata,
+                "task": job.task_data,
+            },
+        }
+    )
+
+
+class Sender(Protocol):
+    async def send(self, job: DeliveryJob, *, now: float) -> DeliveryResult: ...
+
+
+class CallbackSender:
+    """POSTs one callback; owns the timeout, never follows redirects, never reads a large body."""
+
+    def __init__(
+        self, session: aiohttp.ClientSession, *, keys: Sequence[bytes], timeout_s: float
+    ) -> None:
+        self._session = session
+        self._keys = tuple(keys)
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self._timeout_s = timeout_s
+
+    def headers(self, job: DeliveryJob, body: bytes, *, now: float) -> dict[str, str]:
+        msg_id = message_id(job.watch_id)
+        timestamp = int(now)
+        headers = {
+            "Content-Type": "application/json",
+            "User-Agent": USER_AGENT,
+            "webhook-id": msg_id,
+            "webhook-timestamp": str(timestamp),
+        }
+        if self._keys:
+            headers["webhook-signature"] = signing.sign(
+                msg_id=msg_id, timestamp=timestamp, body=body, keys=self._keys
+            )
+        return headers
+
+    async def send(self, job: DeliveryJob, *, now: float) -> DeliveryResult:
+        body = callback_body(job)
+        try:
+            async with self._session.post(
+                job.callback_url,
+                data=body,
+                headers=self.headers(job, body, now=now),
+                timeout=self._timeout,
+                allow_redirects=False,
+            ) as response:
+                status = response.status
+                retry_after = parse_retry_after(response.headers.get("Retry-After"), now)
+        except TimeoutError:
+            return DeliveryResult(
+                outcome=DeliveryOutcome.RETRY, detail=f"no answer within {self._timeout_s:g} s"
+            )
+        except aiohttp.ClientConnectorError as exc:
+            return DeliveryResult(
+                outcome=DeliveryOutcome.RETRY, detail=f"cannot connect: {exc.os_error}"
+            )
+        except (aiohttp.ClientError, OSError) as exc:
+            return DeliveryResult(outcome=DeliveryOutcome.RETRY, detail=type(exc).__name__)
+        outcome = classify_delivery(status)
+        if 300 <= status < 400:
+            detail = f"HTTP {status}: redirects are not followed"
+        else:
+            detail = f"HTTP {status}"
+        return DeliveryResult(
+            outcome=outcome, http_status=status, retry_after=retry_after, detail=detail
+        )
+
+
+class Deliverer(WorkLoop[DeliveryJob]):
+    name = "delivery"
+    log = logging.getLogger("relay.delivery")
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        sender: Sender,
+        metrics: Metrics,
+        policy: DeliveryPolicy,
+        concurrency: int,
+        lease_s: float,
+        clock: Callable[[], float] = time.time,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        super().__init__(metrics=metrics, concurrency=concurrency, clock=clock)
+        self._store = store
+        self._sender = sender
+        self._policy = policy
+        self._lease_s = lease_s
+        self._rand = rand
+
+    async def _claim(self, now: float, free: int) -> list[DeliveryJob]:
+        jobs = await self._store.claim_due_deliveries(now=now, limit=free, lease_s=self._lease_s)
+        for job in jobs:
+            self._metrics.scheduler_lag.labels("delivery").observe(max(0.0, now - job.due_at))
+        return jobs
+
+    async def _next_due_at(self, now: float) -> float | None:
+        return await self._store.next_delivery_due_at()
+
+    async def _handle(self, item: DeliveryJob) -> None:
+        metrics = self._metrics
+        started = time.perf_counter()
+        result = await self._sender.send(item, now=self._clock())
+        metrics.callback_duration.observe(time.perf_counter() - started)
+        now = self._clock()
+        record = plan_after_delivery(item, result, now=now, rand=self._rand(), policy=self._policy)
+        await self._store.record_deliveries([record], now=now)
+        metrics.callback_attempts.labels(record.outcome.value).inc()
+        if record.outcome is DeliveryOutcome.DELIVERED:
+            metrics.terminal_to_delivered.observe(max(0.0, now - item.event_at))
+            metrics.watches_finished.labels("delivered").inc()
+        elif record.outcome is DeliveryOutcome.GAVE_UP:
+            metrics.watches_finished.labels("failed").inc()
+        logs.event(
+            self.log,
+            "callback_" + record.outcome.value,
+            logging.INFO if record.outcome is DeliveryOutcome.DELIVERED else logging.WARNING,
+            watch_id=item.watch_id,
+            task_id=item.task_id,
+            type=item.event_type.value,
+            outcome=record.outcome.value,
+            attempt=item.attempts + 1,
+            http_status=result.http_status,
+            detail=record.last_error,
+        )

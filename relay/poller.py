@@ -1,0 +1,131 @@
+"""The poll loop: claim due poll streams, poll each once within the rate budget, record the plan.
+
+One stream per task id (the store holds one `tasks` row however many watches name it), so five
+watches on one task cost one poll per interval. The token bucket caps upstream requests a second;
+the loop's concurrency caps requests in flight.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable
+
+from relay import logs
+from relay.metrics import Metrics
+from relay.models import PollResult, TaskClaim, TaskFinish, TaskUpdate
+from relay.policy import PollPolicy, plan_after_poll
+from relay.ratelimit import TokenBucket
+from relay.store.base import Store
+from relay.upstream import TaskFetcher
+from relay.workloop import WorkLoop
+
+EXPIRE_BATCH = 500
+EXPIRY_EVERY_S = 1.0
+
+
+class Poller(WorkLoop[TaskClaim]):
+    name = "poll"
+    log = logging.getLogger("relay.poller")
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        fetcher: TaskFetcher,
+        metrics: Metrics,
+        policy: PollPolicy,
+        rps: float,
+        concurrency: int,
+        lease_s: float,
+        clock: Callable[[], float] = time.time,
+        rand: Callable[[], float] = random.random,
+        on_finished: Callable[[], None] = lambda: None,
+    ) -> None:
+        super().__init__(metrics=metrics, concurrency=concurrency, clock=clock)
+        self._store = store
+        self._fetcher = fetcher
+        self._policy = policy
+        self._lease_s = lease_s
+        self._rand = rand
+        self._on_finished = on_finished
+        self._bucket = TokenBucket(rps, now=clock())
+        self._last_expiry = float("-inf")
+
+    async def expire(self, now: float) -> int:
+        """Move watches past their deadline to a `task.timeout` callback."""
+        self._last_expiry = now
+        expired = 0
+        while True:
+            count = await self._store.expire_watches(now=now, limit=EXPIRE_BATCH)
+            expired += count
+            if count < EXPIRE_BATCH:
+                break
+        if expired:
+            self._metrics.events_emitted.labels("task.timeout").inc(expired)
+            logs.event(self.log, "watches_expired", count=expired)
+            self._on_finished()
+        return expired
+
+    async def _claim(self, now: float, free: int) -> list[TaskClaim]:
+        if now - self._last_expiry >= EXPIRY_EVERY_S:
+            await self.expire(now)
+        budget = min(free, self._bucket.available(now))
+        if budget <= 0:
+            return []
+        claims = await self._store.claim_due_tasks(now=now, limit=budget, lease_s=self._lease_s)
+        self._bucket.take(now, len(claims))
+        for claim in claims:
+            self._metrics.scheduler_lag.labels("poll").observe(max(0.0, now - claim.due_at))
+        return claims
+
+    async def _next_due_at(self, now: float) -> float | None:
+        if self._bucket.available(now) <= 0:
+            return now + self._bucket.wait_s(now)
+        due = await self._store.next_poll_due_at()
+        return None if due is None else min(due, self._last_expiry + EXPIRY_EVERY_S)
+
+    async def _handle(self, item: TaskClaim) -> None:
+        metrics = self._metrics
+        metrics.upstream_in_flight.inc()
+        started = time.perf_counter()
+        try:
+            result = await self._fetcher.fetch(item.task_id, now=self._clock())
+        finally:
+            metrics.upstream_in_flight.dec()
+        metrics.poll_duration.labels(result.outcome.value).observe(time.perf_counter() - started)
+        metrics.polls.labels(result.outcome.value).inc()
+        if result.snapshot is not None:
+            metrics.task_status.labels(result.snapshot.status.value).inc()
+        now = self._clock()
+        plan = plan_after_poll(item, result, now=now, rand=self._rand(), policy=self._policy)
+        moved = await self._store.apply_poll_results([plan], now=now)
+        self._log_poll(item, result, plan, moved)
+        if isinstance(plan, TaskFinish):
+            metrics.events_emitted.labels(plan.event_type.value).inc(moved)
+            self._on_finished()
+
+    def _log_poll(
+        self, claim: TaskClaim, result: PollResult, plan: TaskUpdate | TaskFinish, moved: int
+    ) -> None:
+        if isinstance(plan, TaskFinish):
+            logs.event(
+                self.log,
+                "task_finished",
+                task_id=claim.task_id,
+                type=plan.event_type.value,
+                watches=moved,
+                polls=claim.polls + 1,
+            )
+        elif result.outcome.value != "ok":
+            logs.event(
+                self.log,
+                "poll_failed",
+                logging.WARNING if plan.error_streak > 0 else logging.INFO,
+                task_id=claim.task_id,
+                outcome=result.outcome.value,
+                attempt=plan.error_streak,
+                http_status=result.http_status,
+                detail=result.detail,
+            )

@@ -1,0 +1,33 @@
+"""Typed keys for what the application holds; shared by the app factory and the handlers."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+from yarl import URL
+
+from relay.config import Settings
+from relay.delivery import Deliverer
+from relay.metrics import Metrics
+from relay.poller import Poller
+from relay.store.base import Store
+
+SETTINGS = web.AppKey("settings", Settings)
+STORE = web.AppKey("store", Store)
+METRICS = web.AppKey("metrics", Metrics)
+Clock = Callable[[], float]
+CallbackCheck = Callable[[str], Awaitable[URL]]
+
+CLOCK: web.AppKey[Clock] = web.AppKey("clock")
+POLLER = web.AppKey("poller", Poller)
+DELIVERER = web.AppKey("deliverer", Deliverer)
+CALLBACK_CHECK: web.AppKey[CallbackCheck] = web.AppKey("callback_check")
+LOOP_TASKS = web.AppKey("loop_tasks", list[asyncio.Task[None]])
+STOPPING = web.AppKey("stopping", asyncio.Event)
+
+
+def loops_alive(app: web.Application) -> bool:
+    tasks = app.get(LOOP_TASKS, [])
+    return bool(tasks) and not any(task.done() for task in tasks)

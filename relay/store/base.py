@@ -1,0 +1,81 @@
+"""The Store protocol: everything the API and the loops ask of persistence, and nothing more.
+
+Claims are leases expressed in the due column itself: claiming a row pushes its due time to
+`now + lease`, so a process that dies mid-work leaves the row to become due again by itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from relay.models import (
+    DeliveryJob,
+    DeliveryRecord,
+    NewWatch,
+    TaskClaim,
+    TaskFinish,
+    TaskUpdate,
+    Watch,
+    WatchState,
+)
+
+
+class StoreUnavailable(Exception):
+    """The store cannot take the write or read right now (disk full, locked, database down)."""
+
+
+class StoreConflict(Exception):
+    """The request conflicts with the watch's current state."""
+
+
+class Store(Protocol):
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def ping(self) -> None:
+        """Raise StoreUnavailable unless the store answers."""
+
+    async def register(
+        self, new: NewWatch, *, watch_id: str, now: float, deadline_at: float
+    ) -> tuple[Watch, bool]:
+        """Commit a watch and its task's poll stream; (existing, False) if the pair is active."""
+
+    async def get_watch(self, watch_id: str) -> Watch | None: ...
+
+    async def list_watches(
+        self, *, state: WatchState | None, task_id: str | None, limit: int, after: str | None
+    ) -> list[Watch]:
+        """Watches ordered by id (ids sort by creation time), strictly after `after`."""
+
+    async def cancel_watch(self, watch_id: str, *, now: float) -> Watch | None:
+        """Cancel an active watch; StoreConflict if it already ended; None if unknown."""
+
+    async def redeliver(self, watch_id: str, *, now: float) -> Watch | None:
+        """Queue the callback of a delivered or failed watch again; StoreConflict otherwise."""
+
+    async def claim_due_tasks(self, *, now: float, limit: int, lease_s: float) -> list[TaskClaim]:
+        """Claim up to `limit` poll streams due by `now`, earliest first."""
+
+    async def apply_poll_results(
+        self, plans: Sequence[TaskUpdate | TaskFinish], *, now: float
+    ) -> int:
+        """Record polls; return how many watches moved to delivering."""
+
+    async def expire_watches(self, *, now: float, limit: int) -> int:
+        """Move watching watches past their deadline to delivering `task.timeout`; return count."""
+
+    async def claim_due_deliveries(
+        self, *, now: float, limit: int, lease_s: float
+    ) -> list[DeliveryJob]: ...
+
+    async def record_deliveries(self, records: Sequence[DeliveryRecord], *, now: float) -> None: ...
+
+    async def next_poll_due_at(self) -> float | None:
+        """The earliest time a poll or a watch deadline falls due."""
+
+    async def next_delivery_due_at(self) -> float | None:
+        """The earliest time a callback attempt falls due."""
+
+    async def count_by_state(self) -> dict[WatchState, int]: ...

@@ -1,0 +1,95 @@
+"""The task-API client: one `GET /v1/tasks/{id}` in, one typed PollResult out. Never raises."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Protocol
+
+import aiohttp
+from aiohttp_retry import ExponentialRetry, RetryClient
+
+from relay.models import PollOutcome, PollResult
+from relay.policy import classify_upstream, parse_retry_after
+
+MAX_BODY_BYTES = 4 * 1024 * 1024
+
+# Only failures where the request most likely never reached the upstream application are retried
+# at once; everything else (5xx, 429, timeouts) goes to the persisted backoff schedule.
+_IMMEDIATE_RETRY_EXCEPTIONS: set[type[Exception]] = {
+    aiohttp.ServerDisconnectedError,
+    aiohttp.ClientConnectorError,
+    aiohttp.ClientOSError,
+}
+
+
+class BodyTooLargeError(Exception):
+    pass
+
+
+class TaskFetcher(Protocol):
+    async def fetch(self, task_id: str, *, now: float) -> PollResult: ...
+
+
+async def read_capped(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    """Read at most `limit` bytes of a body; raise BodyTooLargeError past it."""
+    if response.content_length is not None and response.content_length > limit:
+        raise BodyTooLargeError
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.content.iter_chunked(64 * 1024):
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLargeError
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+class UpstreamClient:
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        *,
+        base_url: str,
+        api_key: str | None,
+        timeout_s: float,
+        immediate_retries: int = 2,
+    ) -> None:
+        self._base_url = base_url.rstrip("/")
+        self._headers = {"Accept": "application/json"}
+        if api_key:
+            self._headers["Authorization"] = f"Bearer {api_key}"
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self._client = RetryClient(
+            client_session=session,
+            raise_for_status=False,
+            retry_options=ExponentialRetry(
+                attempts=1 + immediate_retries,
+                start_timeout=0.05,
+                max_timeout=0.5,
+                exceptions=_IMMEDIATE_RETRY_EXCEPTIONS,
+                retry_all_server_errors=False,
+            ),
+        )
+
+    async def fetch(self, task_id: str, *, now: float) -> PollResult:
+        url = f"{self._base_url}/v1/tasks/{task_id}"
+        try:
+            async with self._client.get(
+                url, headers=self._headers, timeout=self._timeout, allow_redirects=False
+            ) as response:
+                body = await read_capped(response, MAX_BODY_BYTES)
+                return classify_upstream(
+                    http_status=response.status,
+                    body=body,
+                    task_id=task_id,
+                    retry_after=parse_retry_after(response.headers.get("Retry-After"), now),
+                )
+        except BodyTooLargeError:
+            return PollResult(
+                outcome=PollOutcome.INVALID_RESPONSE,
+                detail=f"body over {MAX_BODY_BYTES} bytes",
+            )
+        except TimeoutError:
+            return PollResult(outcome=PollOutcome.TIMEOUT, detail="no answer within the timeout")
+        except (aiohttp.ClientError, OSError, asyncio.IncompleteReadError) as exc:
+            return PollResult(outcome=PollOutcome.NETWORK_ERROR, detail=type(exc).__name__)

@@ -1,0 +1,123 @@
+"""The shape both background loops share: claim due work, run it in a bounded pool, idle until due.
+
+A subclass says how to claim (`_claim`), how to do one item (`_handle`), and when work is next due
+(`_next_due_at`). `tick(now)` runs one whole iteration and waits for it, for tests; `run()` keeps
+up to `concurrency` items in flight and never holds an asyncio task per idle watch.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+from relay import logs
+from relay.metrics import Metrics
+from relay.store.base import StoreUnavailable
+
+J = TypeVar("J")
+
+IDLE_WAIT_S = 1.0
+
+
+class WorkLoop(abc.ABC, Generic[J]):
+    name: str
+    log: logging.Logger
+
+    def __init__(self, *, metrics: Metrics, concurrency: int, clock: Callable[[], float]) -> None:
+        self._metrics = metrics
+        self._concurrency = concurrency
+        self._clock = clock
+        self._wake = asyncio.Event()
+        self._in_flight: set[asyncio.Task[None]] = set()
+
+    @abc.abstractmethod
+    async def _claim(self, now: float, free: int) -> list[J]:
+        """Claim up to `free` items due by `now` (fewer if a budget says so)."""
+
+    @abc.abstractmethod
+    async def _handle(self, item: J) -> None:
+        """Do one item and record its result."""
+
+    @abc.abstractmethod
+    async def _next_due_at(self, now: float) -> float | None:
+        """When the next item falls due (None: nothing scheduled)."""
+
+    def wake(self) -> None:
+        """New work may be due now: stop idling."""
+        self._wake.set()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._in_flight)
+
+    async def tick(self, now: float) -> int:
+        """One iteration at `now`: claim what is due and wait for all of it; return the count."""
+        items = await self._claim(now, self._concurrency)
+        await asyncio.gather(*(self._handle(item) for item in items))
+        return len(items)
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        """Work until `stopping` is set, then wait for in-flight items (the caller bounds that)."""
+        while not stopping.is_set():
+            try:
+                wait = await self._run_once()
+            except StoreUnavailable as exc:
+                self._store_unavailable(exc)
+                wait = IDLE_WAIT_S
+            await self._sleep(stopping, wait)
+        if self._in_flight:
+            await asyncio.gather(*self._in_flight, return_exceptions=True)
+
+    async def _run_once(self) -> float:
+        now = self._clock()
+        free = self._concurrency - len(self._in_flight)
+        items = await self._claim(now, free) if free > 0 else []
+        for item in items:
+            task = asyncio.create_task(self._handle_guarded(item))
+            self._in_flight.add(task)
+            task.add_done_callback(self._in_flight.discard)
+        if items and len(items) == free:
+            return 0.0  # the pool is full; go round, and wait for a finishing item there
+        if len(self._in_flight) >= self._concurrency:
+            return IDLE_WAIT_S  # a finishing item sets the wake event
+        due = await self._next_due_at(now)
+        if due is None:
+            return IDLE_WAIT_S
+        return min(IDLE_WAIT_S, due - self._clock())
+
+    async def _sleep(self, stopping: asyncio.Event, seconds: float) -> None:
+        if seconds <= 0:
+            await asyncio.sleep(0)
+            return
+        self._wake.clear()
+        waiters = [asyncio.ensure_future(self._wake.wait()), asyncio.ensure_future(stopping.wait())]
+        try:
+            await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+
+    async def _handle_guarded(self, item: J) -> None:
+        try:
+            await self._handle(item)
+        except StoreUnavailable as exc:
+            # The item's lease runs out and it falls due again: nothing is lost.
+            self._store_unavailable(exc)
+        except Exception:
+            self._metrics.loop_errors.labels(self.name).inc()
+            self.log.exception("work_item_crashed", extra={"loop": self.name})
+        finally:
+            self._wake.set()
+
+    def _store_unavailable(self, exc: StoreUnavailable) -> None:
+        self._metrics.store_errors.inc()
+        logs.event(self.log, "store_unavailable", logging.ERROR, loop=self.name, detail=str(exc))
+
+    async def cancel_in_flight(self) -> None:
+        """Past the drain bound: stop what is still running; leases bring it back later."""
+        for task in list(self._in_flight):
+            task.cancel()
+        await asyncio.gather(*self._in_flight, return_exceptions=True)
