@@ -1,0 +1,416 @@
+"""The relay end to end: the fake task API and a real receiver on loopback, a real SQLite file,
+and the loops driven one tick at a time on a fake clock."""
+
+from __future__ import annotations
+
+import pytest
+
+from relay import signing
+from tests.conftest import SIGNING_SECRET, Receiver, Relay, RelayFactory, Upstream
+
+TASK = "tk-hiapi-01HZTQ8BX2N3GM3YFK4Z9D7VQR"
+
+
+async def test_success_callback_carries_the_upstream_data_verbatim(
+    relay: Relay, upstream: Upstream, receiver: Receiver
+) -> None:
+    """task.success forwards every field of the upstream `data`, signed per Standard Webhooks."""
+    output = [{"url": "https://cdn.example.invalid/v.mp4", "type": "video", "expireAt": 1}]
+    await upstream.flip(TASK, "success", output=output)
+    watch = await relay.register(TASK, receiver.at("/hook"), metadata={"order": 7})
+
+    assert (1, 1) == await relay.step()
+
+    [received] = receiver.requests
+    signing.verify(received.body, received.headers, SIGNING_SECRET, now=relay.clock())
+    body = received.json
+    assert ["type", "timestamp", "data"] == list(body)
+    assert "task.success" == body["type"]
+    assert {"watchId", "taskId", "metadata", "task"} == set(body["data"])
+    task = body["data"]["task"]
+    assert TASK == task["taskId"]
+    assert "success" == task["status"]
+    assert output == task["output"]
+    assert {"taskId", "model", "status", "created", "completed", "output"} <= set(task)
+    assert f"msg_{watch['watchId']}" == received.headers["webhook-id"]
+    assert str(int(relay.clock())) == received.headers["webhook-timestamp"]
+    assert "application/json" == received.headers["Content-Type"]
+    view = await relay.watch(watch["watchId"])
+    assert ("delivered", "success", 1, 1) == (
+        view["state"],
+        view["taskStatus"],
+        view["polls"],
+        view["deliveryAttempts"],
+    )
+
+
+async def test_fail_callback_carries_the_error(
+    relay: Relay, upstream: Upstream, receiver: Receiver
+) -> None:
+    """A task that fails upstream ends with task.fail and its error object."""
+    error = {"code": 5001, "message": "content policy"}
+    await upstream.flip(TASK, "fail", error=error)
+    await relay.register(TASK, receiver.at("/hook"))
+
+    await relay.step()
+
+    [body] = receiver.bodies()
+    assert "task.fail" == body["type"]
+    assert error == body["data"]["task"]["error"]
+
+
+async def test_task_not_found_past_the_grace_window_ends_with_not_found(
+    make_relay: RelayFactory, upstream: Upstream, receiver: Receiver
+) -> None:
+    """Not-found inside the grace window keeps polling; past it the callback is task.not_found."""
+    relay = await make_relay(not_found_grace_s=60.0, poll_initial_s=10.0)
+    await upstream.control("DELETE", f"/tasks/{TASK}")
+    watch = await relay.register(TASK, receiver.at("/hook"))
+
+    assert (1, 0) == await relay.step()
+    view = await relay.watch(watch["watchId"])
+    assert ("watching", "task not found upstream") == (view["state"], view["lastError"])
+    for _ in range(5):
+        await relay.step(10.0)
+    assert [] == receiver.requests
+    await relay.step(10.0)  # 60 s after the first not-found
+
+    [body] = receiver.bodies()
+    assert ("task.not_found", None) == (body["type"], body["data"]["task"])
+    assert 7 == upstream.polls(TASK)
+
+
+async def test_not_found_then_visible_keeps_the_watch(
+    make_relay: RelayFactory, upstream: Upstream, receiver: Receiver
+) -> None:
+    """A task invisible at first (just created) and visible within the grace window is watched on."""
+    relay = await make_relay(not_found_grace_s=60.0, poll_initial_s=10.0)
+    await upstream.control("DELETE", f"/tasks/{TASK}")
+    await relay.register(TASK, receiver.at("/hook"))
+    await relay.step()
+    await upstream.flip(TASK, "handling")
+    await relay.step(10.0)
+    await relay.step(70.0)
+    assert [] == receiver.requests
+    await upstream.flip(TASK, "success")
+    await relay.step(200.0)
+    assert ["task.success"] == [b["type"] for b in receiver.bodies()]
+
+
+async def test_watch_past_its_deadline_gets_a_timeout_callback(
+    make_relay: RelayFactory, upstream: Upstream, receiver: Receiver
+) -> None:
+    """A task that never ends produces task.timeout at the watch's deadline, with no task data."""
+    relay = await make_relay(watch_timeout_s=100.0, poll_max_s=30.0)
+    await upstream.flip(TASK, "handling")
+    watch = await relay.register(TASK, receiver.at("/hook"))
+    await relay.step()
+    await relay.step(99.0)
+    assert [] == receiver.requests
+
+    await relay.step(1.0)
+
+    [body] = receiver.bodies()
+    assert ("task.timeout", None) == (body["type"], body["data"]["task"])
+    view = await relay.watch(watch["watchId"])
+    assert ("delivered", "handling") == (view["state"], view["taskStatus"])
+    polls_at_deadline = upstream.polls(TASK)
+    await relay.step(1000.0)
+    assert polls_at_deadline == upstream.polls(TASK)  # the stream ended with its last watch
+
+
+async def test_five_watches_on_one_task_share_one_poll_stream(
+    relay: Relay, upstream: Upstream, receiver: Receiver
+) -> None:
+    """Five services watching one task cost one poll per interval and each gets its callback."""
+    await upstream.flip(TASK, "handling")
+    watches = [await relay.register(TASK, receiver.at(f"/svc{i}")) for i in range(5)]
+
+    await relay.step()
+    await relay.step(2.0)
+    await relay.step(4.0)
+    assert 3 == upstream.polls(TASK)
+    assert 0 == upstream.fake.stats()["overlaps"]
+
+    await upstream.flip(TASK, "success")
+    await relay.step(8.0)
+
+    assert 4 == upstream.polls(TASK)
+    assert {f"/svc{i}" for i in range(5)} == {r.path for r in receiver.requests}
+    assert {f"msg_{w['watchId']}" for w in watches} == {
+        r.headers["webhook-id"] for r in receiver.requests
+    }
+
+
+async def test_poll_interval_grows_to_its_cap_and_archiving_resets_it(
+    make_relay: RelayFactory, upstream: Upstream
+) -> None:
+    """Polls come at 2, 4, 8, 10 (cap) s apart; archiving brings the interval back to 2 s."""
+    relay = await make_relay(poll_initial_s=2.0, poll_factor=2.0, poll_max_s=10.0)
+    await upstream.flip(TASK, "handling")
+    watch = await relay.register(TASK, "http://127.0.0.1:9/hook")
+
+    gaps = []
+    last = relay.clock()
+    for _ in range(6):
+        await relay.poll()
+        view = await relay.watch(watch["watchId"])
+        next_at = _epoch(view["nextPollAt"])
+        gaps.append(round(next_at - last, 3))
+        relay.clock.now = last = next_at
+    assert [2.0, 4.0, 8.0, 10.0, 10.0, 10.0] == gaps
+
+    await upstream.flip(TASK, "archiving")
+    await relay.poll()
+    view = await relay.watch(watch["watchId"])
+    assert 2.0 == round(_epoch(view["nextPollAt"]) - relay.clock(), 3)
+
+
+async def test_nothing_is_polled_before_it_is_due(relay: Relay, upstream: Upstream) -> None:
+    """A tick before the next due time makes no upstream request."""
+    await upstream.flip(TASK, "handling")
+    await relay.register(TASK, "http://127.0.0.1:9/hook")
+    assert 1 == await relay.poll()
+    assert 0 == await relay.poll(1.9)
+    assert 1 == await relay.poll(0.1)
+
+
+async def test_rate_budget_caps_polls_per_second(
+    make_relay: RelayFactory, upstream: Upstream
+) -> None:
+    """With RELAY_UPSTREAM_RPS=5, twenty due streams are polled five a second."""
+    relay = await make_relay(upstream_rps=5.0)
+    for i in range(20):
+        await upstream.flip(f"{TASK}{i}", "handling")
+        await relay.register(f"{TASK}{i}", "http://127.0.0.1:9/hook")
+
+    assert [5, 0, 5, 5, 5] == [
+        await relay.poll(),
+        await relay.poll(0.1),
+        await relay.poll(0.9),
+        await relay.poll(1.0),
+        await relay.poll(1.0),
+    ]
+    assert 20 == upstream.fake.stats()["requests"]
+
+
+@pytest.mark.parametrize(
+    ("script", "outcome"),
+    [
+        ({"status": 500}, "server_error"),
+        ({"status": 502}, "server_error"),
+        ({"status": 503}, "server_error"),
+        ({"status": 429}, "rate_limited"),
+        ({"status": 401}, "auth_error"),
+        ({"status": 403}, "auth_error"),
+        ({"status": 400}, "client_error"),
+        ({"body": "<html>bad gateway</html>"}, "invalid_response"),
+        ({"json": {"code": 200, "message": "success", "data": {"id": 1}}}, "invalid_response"),
+        ({"json": [1, 2, 3]}, "invalid_response"),
+    ],
+)
+async def test_upstream_fault_is_counted_and_retried_without_a_callback(
+    relay: Relay, upstream: Upstream, receiver: Receiver, script: dict[str, object], outcome: str
+) -> None:
+    """Each upstream fault is counted by outcome, backs off, and the watch still ends right."""
+    await upstream.flip(TASK, "success")
+    await upstream.script(TASK, script)
+    watch = await relay.register(TASK, receiver.at("/hook"))
+
+    await relay.step()
+
+    assert [] == receiver.requests
+    assert 1.0 == relay.sample("relay_upstream_polls_total", {"outcome": outcome})
+    view = await relay.watch(watch["watchId"])
+    assert "watching" == view["state"]
+    assert view["lastError"].startswith(f"upstream {outcome}")
+    assert 2.0 == round(_epoch(view["nextPollAt"]) - relay.clock(), 3)  # first error backoff
+    await relay.step(2.0)
+    assert ["task.success"] == [b["type"] for b in receiver.bodies()]
+
+
+async def test_upstream_retry_after_is_honored(relay: Relay, upstream: Upstream) -> None:
+    """A 429 with Retry-After: 30 puts the next poll 30 s out, past the 2 s error backoff."""
+    await upstream.flip(TASK, "handling")
+    await upstream.script(TASK, {"status": 429, "retryAfter": 30})
+    watch = await relay.register(TASK, "http://127.0.0.1:9/hook")
+    await relay.poll()
+    view = await relay.watch(watch["watchId"])
+    assert 30.0 == round(_epoch(view["nextPollAt"]) - relay.clock(), 3)
+
+
+async def test_upstream_timeout_and_reset_are_network_outcomes(
+    make_relay: RelayFactory, upstream: Upstream, receiver: Receiver
+) -> None:
+    """A hung upstream counts as timeout, dropped connections as network_error; neither loses the watch."""
+    relay = await make_relay(upstream_timeout_s=0.2)
+    await upstream.flip(TASK, "success")
+    # aiohttp and our immediate retries absorb single resets; six in a row exhaust them.
+    await upstream.script(TASK, {"delayS": 1.0}, *[{"reset": True}] * 6)
+    await relay.register(TASK, receiver.at("/hook"))
+
+    await relay.step()
+    assert 1.0 == relay.sample("relay_upstream_polls_total", {"outcome": "timeout"})
+    await relay.step(2.0)
+    assert 1.0 == relay.sample("relay_upstream_polls_total", {"outcome": "network_error"})
+    assert [] == receiver.requests
+    await relay.step(4.0)
+    assert ["task.success"] == [b["type"] for b in receiver.bodies()]
+
+
+async def test_unknown_upstream_status_is_counted_and_not_terminal(
+    relay: Relay, upstream: Upstream, receiver: Receiver
+) -> None:
+    """A status the relay does not know keeps the watch watching and counts as `unknown`."""
+    data = {"taskId": TASK, "model": "m", "status": "paused", "created": 1, "completed": 0}
+    await upstream.script(TASK, {"json": {"code": 200, "message": "success", "data": data}})
+    watch = await relay.register(TASK, receiver.at("/hook"))
+    await relay.step()
+    assert 1.0 == relay.sample("relay_task_status_total", {"status": "unknown"})
+    view = await relay.watch(watch["watchId"])
+    assert ("watching", "paused") == (view["state"], view["taskStatus"])
+    assert [] == receiver.requests
+
+
+async def test_receiver_5xx_then_2xx_is_retried_with_the_same_webhook_id(
+    relay: Relay, upstream: Upstream, receiver: Receiver
+) -> None:
+    """Two 5xx answers then a 2xx: three attempts 5 s and 10 s apart, one webhook-id."""
+    await upstream.flip(TASK, "success")
+    receiver.script("/hook", 500, 503)
+    watch = await relay.register(TASK, receiver.at("/hook"))
+
+    await relay.step()
+    view = await relay.watch(watch["watchId"])
+    assert ("delivering", 1, "HTTP 500") == (
+        view["state"],
+        view["deliveryAttempts"],
+        view["lastError"],
+    )
+    assert 0 == await relay.deliver(4.9)
+    assert 1 == await relay.deliver(0.1)
+    assert 0 == await relay.deliver(9.9)
+    assert 1 == await relay.deliver(0.1)
+
+    assert 3 == len(receiver.requests)
+    assert 1 == len({r.headers["webhook-id"] for r in receiver.requests})
+    assert 1 == len({r.body for r in receiver.requests})
+    assert 3 == len({r.headers["webhook-timestamp"] for r in receiver.requests})
+    for received in receiver.requests:
+        signing.verify(
+            received.body,
+            received.headers,
+            SIGNING_SECRET,
+            now=int(received.headers["webhook-timestamp"]),
+        )
+    view = await relay.watch(watch["watchId"])
+    assert ("delivered", 3, None) == (view["state"], view["deliveryAttempts"], view["lastError"])
+    assert 2.0 == relay.sample("relay_callback_attempts_total", {"outcome": "retry"})
+    assert 1.0 == relay.sample("relay_callback_attempts_total", {"outcome": "delivered"})
+    assert 1.0 == relay.sample("relay_terminal_to_delivered_seconds_count")
+    assert 15.0 == relay.sample("relay_terminal_to_delivered_seconds_sum")
+
+
+async def test_receiver_410_stops_delivery_at_once(
+    relay: Relay, upstream: Upstream, receiver: Receiver
+) -> None:
+    """410 Gone fails the watch after one attempt; it stays visible and counted."""
+    await upstream.flip(TASK, "success")
+    receiver.script("/hook", 410)
+    watch = await relay.register(TASK, receiver.at("/hook"))
+    await relay.step()
+    await relay.deliver(3600.0)
+
+    assert 1 == len(receiver.requests)
+    view = await relay.watch(watch["watchId"])
+    assert ("failed", 1, "HTTP 410") == (view["state"], view["deliveryAttempts"], view["lastError"])
+    assert 1.0 == relay.sample("relay_callback_attempts_total", {"outcome": "gave_up"})
+    assert 1.0 == relay.sample("relay_watches_finished_total", {"result": "failed"})
+
+
+async def test_receiver_redirect_is_not_followed(
+    relay: Relay, upstream: Upstream, receiver: Receiver
+) -> None:
+    """A 302 from the receiver fails the delivery; the redirect target gets nothing."""
+    await upstream.flip(TASK, "success")
+    receiver.script("/hook", 302)
+    watch = await relay.register(TASK, receiver.at("/hook"))
+    await relay.step()
+    assert ["/hook"] == [r.path for r in receiver.requests]
+    view = await relay.watch(watch["watchId"])
+    assert ("failed", "HTTP 302: redirects are not followed") == (
+        view["state"],
+        view["lastError"],
+    )
+
+
+async def test_receiver_too_slow_is_retried(
+    make_relay: RelayFactory, upstream: Upstream, receiver: Receiver
+) -> None:
+    """A receiver slower than RELAY_DELIVERY_TIMEOUT_S counts as a failed attempt to retry."""
+    relay = await make_relay(delivery_timeout_s=0.2)
+    await upstream.flip(TASK, "success")
+    receiver.delays["/hook"] = 1.0
+    watch = await relay.register(TASK, receiver.at("/hook"))
+    await relay.step()
+    view = await relay.watch(watch["watchId"])
+    assert ("delivering", "no answer within 0.2 s") == (view["state"], view["lastError"])
+    receiver.delays.clear()
+    await relay.deliver(5.0)
+    assert "delivered" == (await relay.watch(watch["watchId"]))["state"]
+
+
+async def test_receiver_429_retry_after_is_honored(
+    relay: Relay, upstream: Upstream, receiver: Receiver
+) -> None:
+    """A 429 with Retry-After: 120 defers the next attempt to 120 s, not the 5 s schedule."""
+    await upstream.flip(TASK, "success")
+    receiver.script("/hook", 429)
+    await relay.register(TASK, receiver.at("/hook"))
+    await relay.step()
+    assert 0 == await relay.deliver(119.0)
+    assert 1 == await relay.deliver(1.0)
+
+
+async def test_delivery_gives_up_after_max_attempts_and_redelivery_succeeds(
+    make_relay: RelayFactory, upstream: Upstream, receiver: Receiver
+) -> None:
+    """After RELAY_DELIVERY_MAX_ATTEMPTS failures the watch is failed; redeliver sends it again."""
+    relay = await make_relay(delivery_max_attempts=3)
+    await upstream.flip(TASK, "success")
+    receiver.script("/hook", 500, 500, 500)
+    watch = await relay.register(TASK, receiver.at("/hook"))
+    await relay.step()
+    await relay.deliver(5.0)
+    await relay.deliver(10.0)
+    view = await relay.watch(watch["watchId"])
+    assert ("failed", 3) == (view["state"], view["deliveryAttempts"])
+    assert "HTTP 500; gave up after 3 attempts" == view["lastError"]
+
+    response = await relay.client.post(f"/watch/{watch['watchId']}/redeliver")
+    assert 202 == response.status
+    await relay.deliver()
+    assert "delivered" == (await relay.watch(watch["watchId"]))["state"]
+    assert 1 == len({r.headers["webhook-id"] for r in receiver.requests})
+
+
+async def test_cancelled_watch_gets_no_callback_and_other_watchers_still_do(
+    relay: Relay, upstream: Upstream, receiver: Receiver
+) -> None:
+    """Cancelling one of two watches on a task silences only that one."""
+    await upstream.flip(TASK, "handling")
+    first = await relay.register(TASK, receiver.at("/a"))
+    await relay.register(TASK, receiver.at("/b"))
+    await relay.step()
+    response = await relay.client.delete(f"/watch/{first['watchId']}")
+    assert 204 == response.status
+    await upstream.flip(TASK, "success")
+    await relay.step(2.0)
+    assert ["/b"] == [r.path for r in receiver.requests]
+    assert "cancelled" == (await relay.watch(first["watchId"]))["state"]
+
+
+def _epoch(iso: str) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
