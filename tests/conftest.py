@@ -63,10 +63,12 @@ class Upstream:
     fake: FakeUpstream
 
     async def control(self, method: str, path: str, body: Any = None) -> Any:
-        async with aiohttp.ClientSession() as session:
-            async with session.request(method, f"{self.url}/_fake{path}", json=body) as response:
-                assert response.status < 300, await response.text()
-                return await response.json()
+        async with (
+            aiohttp.ClientSession() as session,
+            session.request(method, f"{self.url}/_fake{path}", json=body) as response,
+        ):
+            assert response.status < 300, await response.text()
+            return await response.json()
 
     async def flip(self, task_id: str, status: str, **extra: Any) -> Any:
         return await self.control("PUT", f"/tasks/{task_id}", {"status": status, **extra})
