@@ -62,6 +62,7 @@ def create_app(
 ) -> web.Application:
     """Build the relay. Tests pass their own store, clock, randomness, or `run_loops=False` to
     drive `app[POLLER].tick(now)` and `app[DELIVERER].tick(now)` by hand."""
+    settings.check()
     tokens = tuple(t.value.encode() for t in settings.api_tokens)
     app = web.Application(
         client_max_size=api.MAX_BODY_BYTES,

@@ -19,6 +19,9 @@ T = TypeVar("T")
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
+UPSTREAM_ATTEMPTS = 3  # one request plus two immediate retries of a dropped connection
+LEASE_MARGIN_S = 1.0
+
 
 class ConfigError(Exception):
     """Raised with one line per bad setting; never includes a secret's value."""
@@ -80,19 +83,13 @@ class Settings:
     delivery_backoff_max_s: float = 3_600.0
     delivery_max_attempts: int = 10
     delivery_concurrency: int = 32
+    # A claim is a lease: the row stays invisible to other claimers this long. It must outlast
+    # the work it covers, or the same poll or callback would run twice at once.
+    poll_lease_s: float = 60.0
+    delivery_lease_s: float = 60.0
     shutdown_timeout_s: float = 20.0
     sqlite_synchronous: str = "NORMAL"
     log_level: str = "INFO"
-
-    @property
-    def poll_lease_s(self) -> float:
-        """How long a claimed poll stream stays invisible: longer than one poll with its retries."""
-        return self.upstream_timeout_s * 3 + 15.0
-
-    @property
-    def delivery_lease_s(self) -> float:
-        """How long a claimed callback stays invisible: longer than one attempt, so never sent twice at once."""
-        return self.delivery_timeout_s + 30.0
 
     @property
     def signing_key_bytes(self) -> tuple[bytes, ...]:
@@ -137,6 +134,8 @@ class Settings:
         take("RELAY_DELIVERY_BACKOFF_MAX_S", "delivery_backoff_max_s", _positive_float)
         take("RELAY_DELIVERY_MAX_ATTEMPTS", "delivery_max_attempts", _int_between(1, 1000))
         take("RELAY_DELIVERY_CONCURRENCY", "delivery_concurrency", _int_between(1, 10_000))
+        take("RELAY_POLL_LEASE_S", "poll_lease_s", _positive_float)
+        take("RELAY_DELIVERY_LEASE_S", "delivery_lease_s", _positive_float)
         take("RELAY_SHUTDOWN_TIMEOUT_S", "shutdown_timeout_s", _non_negative_float)
         take("RELAY_SQLITE_SYNCHRONOUS", "sqlite_synchronous", _one_of("NORMAL", "FULL"))
         take("RELAY_LOG_LEVEL", "log_level", _log_level)
@@ -171,6 +170,19 @@ class Settings:
         if self.delivery_backoff_max_s < self.delivery_backoff_s:
             problems.append(
                 "RELAY_DELIVERY_BACKOFF_MAX_S: must be at least RELAY_DELIVERY_BACKOFF_S"
+            )
+        # One poll is up to three requests (two immediate retries), each bounded by the timeout.
+        poll_work = self.upstream_timeout_s * UPSTREAM_ATTEMPTS + LEASE_MARGIN_S
+        if self.poll_lease_s <= poll_work:
+            problems.append(
+                f"RELAY_POLL_LEASE_S: must be more than {poll_work:g} s"
+                f" ({UPSTREAM_ATTEMPTS} x RELAY_UPSTREAM_TIMEOUT_S + {LEASE_MARGIN_S:g} s margin)"
+            )
+        delivery_work = self.delivery_timeout_s + LEASE_MARGIN_S
+        if self.delivery_lease_s <= delivery_work:
+            problems.append(
+                f"RELAY_DELIVERY_LEASE_S: must be more than {delivery_work:g} s"
+                f" (RELAY_DELIVERY_TIMEOUT_S + {LEASE_MARGIN_S:g} s margin)"
             )
         if problems:
             raise ConfigError(problems)

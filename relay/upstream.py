@@ -8,6 +8,7 @@ from typing import Protocol
 import aiohttp
 from aiohttp_retry import ExponentialRetry, RetryClient
 
+from relay.config import UPSTREAM_ATTEMPTS
 from relay.models import PollOutcome, PollResult
 from relay.policy import classify_upstream, parse_retry_after
 
@@ -52,7 +53,7 @@ class UpstreamClient:
         base_url: str,
         api_key: str | None,
         timeout_s: float,
-        immediate_retries: int = 2,
+        attempts: int = UPSTREAM_ATTEMPTS,
     ) -> None:
         self._base_url = base_url.rstrip("/")
         self._headers = {"Accept": "application/json"}
@@ -63,7 +64,7 @@ class UpstreamClient:
             client_session=session,
             raise_for_status=False,
             retry_options=ExponentialRetry(
-                attempts=1 + immediate_retries,
+                attempts=attempts,
                 start_timeout=0.05,
                 max_timeout=0.5,
                 exceptions=_IMMEDIATE_RETRY_EXCEPTIONS,

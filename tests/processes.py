@@ -1,0 +1,100 @@
+"""Helpers for tests that run `relay serve` as a real process (restart, kill -9, replicas)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+import aiohttp
+
+READY_TIMEOUT_S = 20.0
+
+T = TypeVar("T")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class RelayProcess:
+    """`python -m relay serve` with the given environment, logging to a file."""
+
+    env: dict[str, str]
+    log_path: Path
+    port: int = field(default_factory=free_port)
+    proc: asyncio.subprocess.Process | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        env = {**os.environ, **self.env, "RELAY_PORT": str(self.port)}
+        with self.log_path.open("ab") as log:
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "relay", "serve", env=env, stdout=log, stderr=log
+            )
+        await self.wait_ready()
+
+    async def wait_ready(self) -> None:
+        """Return once /readyz answers 200; fail with the log tail if the process dies first."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + READY_TIMEOUT_S
+        async with aiohttp.ClientSession() as session:
+            while loop.time() < deadline:
+                assert self.proc is not None
+                if self.proc.returncode is not None:
+                    raise AssertionError(f"relay exited early:\n{self.log_tail()}")
+                try:
+                    async with session.get(f"{self.url}/readyz") as response:
+                        if response.status == 200:
+                            return
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.05)
+        raise AssertionError(f"relay not ready in {READY_TIMEOUT_S} s:\n{self.log_tail()}")
+
+    def kill(self) -> None:
+        """SIGKILL: no cleanup, no drain, exactly like a crash."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+
+    async def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+        assert self.proc is not None
+        if self.proc.returncode is None:
+            self.proc.send_signal(sig)
+        try:
+            return await asyncio.wait_for(self.proc.wait(), timeout)
+        except TimeoutError:
+            self.proc.kill()
+            await self.proc.wait()
+            raise
+
+    def log_tail(self, lines: int = 40) -> str:
+        if not self.log_path.exists():
+            return ""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+
+async def settle(
+    probe: Callable[[], Awaitable[T]], wanted: T, *, timeout: float = 10.0, every: float = 0.05
+) -> T:
+    """Probe until it returns `wanted` or `timeout` passes; return the last value seen."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    value = await probe()
+    while value != wanted and loop.time() < deadline:
+        await asyncio.sleep(every)
+        value = await probe()
+    return value
