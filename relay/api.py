@@ -41,6 +41,7 @@ MAX_PAGE = 1000
 
 _TASK_ID_RE = re.compile(r"[A-Za-z0-9_-]+")
 _WATCH_ID_RE = re.compile(r"wt_[0-9a-f]{32}")
+_LIMIT_RE = re.compile(r"[0-9]{1,4}")  # ASCII only: str.isdigit() accepts '²'
 _WATCH_FIELDS = frozenset({"taskId", "callbackUrl", "metadata"})
 
 routes = web.RouteTableDef()
@@ -130,7 +131,11 @@ def validate_metadata(value: Any) -> dict[str, Any] | None:
         return None
     if not isinstance(value, dict):
         raise invalid_field("metadata", "must be a JSON object")
-    if len(orjson.dumps(value)) > MAX_METADATA_BYTES:
+    try:
+        encoded = orjson.dumps(value)
+    except orjson.JSONEncodeError:  # nested deeper than any serializer here will go
+        raise invalid_field("metadata", "is nested too deeply") from None
+    if len(encoded) > MAX_METADATA_BYTES:
         raise invalid_field("metadata", f"must be at most {MAX_METADATA_BYTES} bytes as JSON")
     return value
 
@@ -190,6 +195,12 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
         kind = {404: "not-found", 405: "method-not-allowed"}.get(exc.status, "http-error")
         headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
         return Problem(exc.status, exc.reason, kind=kind, headers=headers).response(
+            instance=request.path
+        )
+    except Exception:
+        # A bug, not bad input: log it whole, answer a problem body that reveals nothing.
+        log.exception("request_crashed", extra={"path": request.path})
+        return Problem(500, "the relay failed to handle this request", kind="internal").response(
             instance=request.path
         )
 
@@ -317,7 +328,7 @@ async def list_watches(request: web.Request) -> web.Response:
     limit = DEFAULT_PAGE
     if "limit" in query:
         raw = query["limit"]
-        if not raw.isdigit() or not 1 <= int(raw) <= MAX_PAGE:
+        if not _LIMIT_RE.fullmatch(raw) or not 1 <= int(raw) <= MAX_PAGE:
             raise invalid_field("limit", f"must be an integer from 1 to {MAX_PAGE}")
         limit = int(raw)
     cursor = query.get("cursor")

@@ -54,8 +54,8 @@ MIGRATIONS: tuple[str, ...] = (
         next_delivery_at  REAL,
         last_error        TEXT
     ) WITHOUT ROWID;
-    CREATE UNIQUE INDEX watches_active_pair ON watches (task_id, callback_url)
-        WHERE state IN ('watching', 'delivering');
+    CREATE UNIQUE INDEX watches_watching_pair ON watches (task_id, callback_url)
+        WHERE state = 'watching';
     CREATE INDEX watches_watching_deadline ON watches (deadline_at) WHERE state = 'watching';
     CREATE INDEX watches_delivery_due ON watches (next_delivery_at) WHERE state = 'delivering';
     CREATE INDEX watches_task ON watches (task_id);
@@ -131,7 +131,9 @@ class SQLiteStore:
         try:
             return fn(self._conn)
         except sqlite3.IntegrityError as exc:
-            raise StoreConflict(str(exc)) from exc
+            if self._conn.in_transaction:
+                self._conn.rollback()
+            raise StoreConflict("the change conflicts with another watch") from exc
         except sqlite3.Error as exc:
             # Disk full, read-only file, locked by another process: the caller answers 503.
             if self._conn.in_transaction:
