@@ -103,6 +103,11 @@ class Metrics:
         self.upstream_in_flight = Gauge(
             "relay_upstream_requests_in_flight", "Upstream polls in flight.", registry=r
         )
+        self.upstream_auth_failing = Gauge(
+            "relay_upstream_auth_failing",
+            "1 while the task API rejects the API key (401/403) and polling is paused.",
+            registry=r,
+        )
         self.events_emitted = Counter(
             "relay_task_events",
             "Task ends the relay turned into callbacks, by type.",

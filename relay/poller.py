@@ -14,8 +14,8 @@ from collections.abc import Callable
 
 from relay import logs
 from relay.metrics import Metrics
-from relay.models import PollResult, TaskClaim, TaskFinish, TaskUpdate
-from relay.policy import PollPolicy, plan_after_poll
+from relay.models import PollOutcome, PollResult, TaskClaim, TaskFinish, TaskUpdate
+from relay.policy import PollPolicy, exponential, plan_after_poll
 from relay.ratelimit import TokenBucket
 from relay.store.base import Store
 from relay.upstream import TaskFetcher
@@ -52,6 +52,10 @@ class Poller(WorkLoop[TaskClaim]):
         self._on_finished = on_finished
         self._bucket = TokenBucket(rps, now=clock())
         self._last_expiry = float("-inf")
+        # A rejected API key fails every task alike: pause all polling instead of burning
+        # through every stream's backoff, and say so in a gauge an alert can use.
+        self._auth_failures = 0
+        self._paused_until = float("-inf")
 
     async def expire(self, now: float) -> int:
         """Move watches past their deadline to a `task.timeout` callback."""
@@ -72,7 +76,9 @@ class Poller(WorkLoop[TaskClaim]):
         if now - self._last_expiry >= EXPIRY_EVERY_S:
             await self.expire(now)
         budget = min(free, self._bucket.available(now))
-        if budget <= 0:
+        if self._auth_failures:
+            budget = min(budget, 1)  # while the key is rejected, probe with one poll at a time
+        if budget <= 0 or now < self._paused_until:
             return []
         claims = await self._store.claim_due_tasks(now=now, limit=budget, lease_s=self._lease_s)
         self._bucket.take(now, len(claims))
@@ -81,6 +87,8 @@ class Poller(WorkLoop[TaskClaim]):
         return claims
 
     async def _next_due_at(self, now: float) -> float | None:
+        if now < self._paused_until:
+            return self._paused_until
         if self._bucket.available(now) <= 0:
             return now + self._bucket.wait_s(now)
         due = await self._store.next_poll_due_at()
@@ -99,12 +107,39 @@ class Poller(WorkLoop[TaskClaim]):
         if result.snapshot is not None:
             metrics.task_status.labels(result.snapshot.status.value).inc()
         now = self._clock()
+        self._track_auth(result, now)
         plan = plan_after_poll(item, result, now=now, rand=self._rand(), policy=self._policy)
         moved = await self._store.apply_poll_results([plan], now=now)
         self._log_poll(item, result, plan, moved)
         if isinstance(plan, TaskFinish):
             metrics.events_emitted.labels(plan.event_type.value).inc(moved)
             self._on_finished()
+
+    def _track_auth(self, result: PollResult, now: float) -> None:
+        if result.outcome is PollOutcome.AUTH_ERROR:
+            if now < self._paused_until:
+                return  # a poll that was in flight when the pause began: same verdict
+            self._auth_failures += 1
+            pause = exponential(
+                self._auth_failures,
+                initial=self._policy.initial_s,
+                cap=self._policy.error_backoff_max_s,
+            )
+            self._paused_until = now + pause
+            self._metrics.upstream_auth_failing.set(1)
+            if self._auth_failures == 1 or self._auth_failures % 10 == 0:
+                logs.event(
+                    self.log,
+                    "upstream_auth_failing",
+                    logging.ERROR,
+                    outcome=result.outcome.value,
+                    http_status=result.http_status,
+                    attempt=self._auth_failures,
+                    pause_s=pause,
+                )
+        elif result.outcome in (PollOutcome.OK, PollOutcome.NOT_FOUND):
+            self._auth_failures = 0
+            self._metrics.upstream_auth_failing.set(0)
 
     def _log_poll(
         self, claim: TaskClaim, result: PollResult, plan: TaskUpdate | TaskFinish, moved: int

@@ -414,3 +414,27 @@ def _epoch(iso: str) -> float:
     from datetime import datetime
 
     return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+
+
+async def test_revoked_api_key_pauses_all_polling_with_backoff(
+    relay: Relay, upstream: Upstream, receiver: Receiver
+) -> None:
+    """401 for every task pauses the whole poller (2 s, 4 s, ...) and raises the auth gauge."""
+    for i in range(10):
+        await upstream.flip(f"{TASK}{i}", "success")
+        await relay.register(f"{TASK}{i}", receiver.at(f"/h{i}"))
+    await upstream.control("POST", "/fail-all", {"status": 401})
+
+    await relay.poll()
+    polled_once = upstream.fake.stats()["requests"]
+    assert 1.0 == relay.sample("relay_upstream_auth_failing")
+    assert 0 == await relay.poll(1.9)  # paused, though every other stream is due
+    assert 1 == await relay.poll(0.1)  # one probe after the pause...
+    assert 0 == await relay.poll(3.9)  # ...then a pause twice as long
+    assert polled_once + 1 == upstream.fake.stats()["requests"]
+
+    await upstream.control("POST", "/fail-all", {"status": None})
+    await relay.step(0.1)
+    await relay.step(60.0)
+    assert 0.0 == relay.sample("relay_upstream_auth_failing")
+    assert 10 == len(receiver.requests)
