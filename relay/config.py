@@ -61,7 +61,7 @@ def parse_signing_secret(raw: str) -> bytes:
 class Settings:
     host: str = "127.0.0.1"
     port: int = 8080
-    store_url: str = "sqlite:///relay.db"
+    store_url: str = field(default="sqlite:///relay.db", repr=False)  # may hold a password
     upstream_url: str = "http://127.0.0.1:8081"
     upstream_api_key: Secret | None = None
     api_tokens: tuple[Secret, ...] = ()
@@ -155,6 +155,8 @@ class Settings:
                 problems.append(
                     f"RELAY_UPSTREAM_API_KEY_FILE: cannot read the file ({exc.strerror})"
                 )
+            except UnicodeDecodeError:
+                problems.append("RELAY_UPSTREAM_API_KEY_FILE: the file is not UTF-8 text")
 
         if problems:
             raise ConfigError(problems)

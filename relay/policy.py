@@ -7,7 +7,9 @@ so the tests can drive them with exact values.
 from __future__ import annotations
 
 import email.utils
+import re
 from dataclasses import dataclass
+from datetime import UTC
 from typing import Any
 
 import orjson
@@ -30,6 +32,7 @@ from relay.models import (
 
 # 2**60 seconds is beyond any cap; clamping the exponent keeps float math finite for huge attempts.
 _MAX_EXPONENT = 60
+_DIGITS = re.compile(r"[0-9]{1,12}")  # ASCII only: str.isdigit() accepts '²'
 
 
 def jittered(delay: float, jitter: float, rand: float) -> float:
@@ -55,14 +58,14 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
     if value is None:
         return None
     value = value.strip()
-    if value.isdigit():
+    if _DIGITS.fullmatch(value):
         return float(value)
     try:
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return None
-    if when.tzinfo is None:
-        return None
+    if when.tzinfo is None:  # the asctime form carries no zone; HTTP dates are always GMT
+        when = when.replace(tzinfo=UTC)
     return max(0.0, when.timestamp() - now)
 
 
@@ -293,7 +296,7 @@ def plan_after_delivery(
     if result.outcome is DeliveryOutcome.GAVE_UP or attempts >= policy.max_attempts:
         reason = result.detail or "delivery failed"
         if result.outcome is DeliveryOutcome.RETRY:
-            reason = f"{reason}; gave up after {attempts} attempts"
+            reason = f"{reason}; gave up after {attempts} attempt{'s' if attempts > 1 else ''}"
         return DeliveryRecord(
             watch_id=job.watch_id,
             outcome=DeliveryOutcome.GAVE_UP,

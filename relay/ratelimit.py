@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+# At epoch-sized clocks (1.7e9 s) a float step is ~2e-7 s, so refills land a hair short of a
+# whole token; treat anything within this of a whole token as whole.
+_EPSILON = 1e-6
+
 
 class TokenBucket:
     """`rate` tokens a second, at most `burst` saved up; every method takes `now` (seconds)."""
@@ -20,7 +24,7 @@ class TokenBucket:
     def available(self, now: float) -> int:
         """Whole tokens that may be spent now."""
         self._refill(now)
-        return int(self._tokens)
+        return int(self._tokens + _EPSILON)
 
     def take(self, now: float, count: int = 1) -> None:
         self._refill(now)

@@ -72,11 +72,13 @@ def verify(
         keys = [parse_signing_secret(s) for s in secret_list]
     except ValueError as exc:
         raise WebhookVerificationError(f"bad signing secret: {exc}") from None
-    expected = [signature(key, msg_id, timestamp, body) for key in keys]
+    # Compare bytes: compare_digest refuses str with non-ASCII text, which a peer may send.
+    expected = [signature(key, msg_id, timestamp, body).encode() for key in keys]
     for entry in raw_signature.split():
         version, _, value = entry.partition(",")
         if version != "v1":
             continue
-        if any(hmac.compare_digest(value, candidate) for candidate in expected):
+        presented = value.encode()
+        if any(hmac.compare_digest(presented, candidate) for candidate in expected):
             return
     raise WebhookVerificationError("no matching signature")
