@@ -10,7 +10,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
+import secrets
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
@@ -36,6 +39,7 @@ from relay.state import (
     LOOP_TASKS,
     METRICS,
     POLLER,
+    REPLICA_ID,
     SETTINGS,
     STOPPING,
     STORE,
@@ -46,6 +50,9 @@ from relay.upstream import UpstreamClient
 log = logging.getLogger("relay.app")
 
 GAUGE_REFRESH_S = 5.0
+# A replica beats every 5 s and counts as gone after 15 s of silence (three missed beats).
+HEARTBEAT_S = 5.0
+HEARTBEAT_STALE_S = 15.0
 
 Resolve = Callable[[str, int], Awaitable[list[str]]]
 
@@ -74,6 +81,7 @@ def create_app(
     app[CLOCK] = clock
     app[STOPPING] = asyncio.Event()
     app[LOOP_TASKS] = []
+    app[REPLICA_ID] = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
     policy = CallbackPolicy(allow_nets=settings.callback_allow_nets)
 
     async def check_callback(url: str) -> URL:
@@ -96,7 +104,11 @@ async def _store_ctx(app: web.Application, *, store: Store | None) -> AsyncItera
     app[STORE] = (
         store
         if store is not None
-        else await open_store(settings.store_url, synchronous=settings.sqlite_synchronous)
+        else await open_store(
+            settings.store_url,
+            synchronous=settings.sqlite_synchronous,
+            postgres_schema=settings.postgres_schema,
+        )
     )
     logs.event(log, "relay_starting", version=__version__, upstream=settings.upstream_url)
     yield
@@ -163,6 +175,8 @@ async def _loops_ctx(
             ("poll", poller.run(stopping)),
             ("delivery", deliverer.run(stopping)),
             ("gauges", _refresh_gauges(app, stopping)),
+            ("heartbeat", _heartbeat(app, stopping)),
+            ("listen", store.listen_registrations(poller.wake, stopping)),
         ):
             task = asyncio.create_task(coro, name=f"relay-{name}")
             task.add_done_callback(partial(_loop_ended, stopping=stopping, on_fatal=on_fatal))
@@ -172,6 +186,8 @@ async def _loops_ctx(
     finally:
         stopping.set()
         await _stop_loops(app[LOOP_TASKS], (poller, deliverer), settings.shutdown_timeout_s)
+        with contextlib.suppress(StoreUnavailable):
+            await store.retire(app[REPLICA_ID])
         await upstream_session.close()
         await callback_session.close()
 
@@ -213,6 +229,21 @@ async def refresh_gauges(app: web.Application) -> None:
         metrics.watches_by_state.labels(state.value).set(count)
     metrics.watches_active.set(sum(counts[s] for s in ACTIVE_STATES))
     metrics.callbacks_backlog.set(counts[WatchState.DELIVERING])
+
+
+async def _heartbeat(app: web.Application, stopping: asyncio.Event) -> None:
+    """Tell the store this replica lives; take this replica's share of the upstream budget."""
+    store, poller, metrics, clock = app[STORE], app[POLLER], app[METRICS], app[CLOCK]
+    while not stopping.is_set():
+        try:
+            now = clock()
+            live = await store.heartbeat(app[REPLICA_ID], now=now, stale_after_s=HEARTBEAT_STALE_S)
+            poller.share_budget(live, now)
+            metrics.replicas_live.set(live)
+        except StoreUnavailable:
+            metrics.store_errors.inc()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stopping.wait(), timeout=HEARTBEAT_S)
 
 
 async def _refresh_gauges(app: web.Application, stopping: asyncio.Event) -> None:

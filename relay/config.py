@@ -8,6 +8,7 @@ import ipaddress
 import logging
 import math
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,6 +90,7 @@ class Settings:
     delivery_lease_s: float = 60.0
     shutdown_timeout_s: float = 20.0
     sqlite_synchronous: str = "NORMAL"
+    postgres_schema: str = "public"
     log_level: str = "INFO"
 
     @property
@@ -137,6 +139,7 @@ class Settings:
         take("RELAY_POLL_LEASE_S", "poll_lease_s", _positive_float)
         take("RELAY_DELIVERY_LEASE_S", "delivery_lease_s", _positive_float)
         take("RELAY_SHUTDOWN_TIMEOUT_S", "shutdown_timeout_s", _non_negative_float)
+        take("RELAY_POSTGRES_SCHEMA", "postgres_schema", _identifier)
         take("RELAY_SQLITE_SYNCHRONOUS", "sqlite_synchronous", _one_of("NORMAL", "FULL"))
         take("RELAY_LOG_LEVEL", "log_level", _log_level)
 
@@ -255,6 +258,12 @@ def _one_of(*choices: str) -> Callable[[str], str]:
         return value
 
     return convert
+
+
+def _identifier(raw: str) -> str:
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,62}", raw):
+        raise ValueError(f"must be a plain SQL identifier (letters, digits, _), got {raw!r}")
+    return raw
 
 
 def _log_level(raw: str) -> str:

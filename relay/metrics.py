@@ -108,6 +108,11 @@ class Metrics:
             "1 while the task API rejects the API key (401/403) and polling is paused.",
             registry=r,
         )
+        self.replicas_live = Gauge(
+            "relay_replicas_live",
+            "Relay replicas sharing the store (by heartbeat); each polls at RPS / this.",
+            registry=r,
+        )
         self.events_emitted = Counter(
             "relay_task_events",
             "Task ends the relay turned into callbacks, by type.",

@@ -50,12 +50,17 @@ class Poller(WorkLoop[TaskClaim]):
         self._lease_s = lease_s
         self._rand = rand
         self._on_finished = on_finished
+        self._rps = rps
         self._bucket = TokenBucket(rps, now=clock())
         self._last_expiry = float("-inf")
         # A rejected API key fails every task alike: pause all polling instead of burning
         # through every stream's backoff, and say so in a gauge an alert can use.
         self._auth_failures = 0
         self._paused_until = float("-inf")
+
+    def share_budget(self, replicas: int, now: float) -> None:
+        """Take 1/`replicas` of RELAY_UPSTREAM_RPS: the budget is the deployment's, not ours."""
+        self._bucket.set_rate(self._rps / max(1, replicas), now)
 
     async def expire(self, now: float) -> int:
         """Move watches past their deadline to a `task.timeout` callback."""

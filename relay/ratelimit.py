@@ -16,6 +16,13 @@ class TokenBucket:
         self._tokens = self.burst
         self._updated = now
 
+    def set_rate(self, rate: float, now: float) -> None:
+        """Change the rate (a replica's share of the deployment's budget) from `now` on."""
+        self._refill(now)
+        self.rate = rate
+        self.burst = max(1.0, rate)
+        self._tokens = min(self._tokens, self.burst)
+
     def _refill(self, now: float) -> None:
         if now > self._updated:
             self._tokens = min(self.burst, self._tokens + (now - self._updated) * self.rate)

@@ -26,6 +26,7 @@ DELIVERER = web.AppKey("deliverer", Deliverer)
 CALLBACK_CHECK: web.AppKey[CallbackCheck] = web.AppKey("callback_check")
 LOOP_TASKS = web.AppKey("loop_tasks", list[asyncio.Task[None]])
 STOPPING = web.AppKey("stopping", asyncio.Event)
+REPLICA_ID = web.AppKey("replica_id", str)
 
 
 def loops_alive(app: web.Application) -> bool:

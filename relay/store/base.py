@@ -6,7 +6,8 @@ Claims are leases expressed in the due column itself: claiming a row pushes its 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from relay.models import (
@@ -79,3 +80,15 @@ class Store(Protocol):
         """The earliest time a callback attempt falls due."""
 
     async def count_by_state(self) -> dict[WatchState, int]: ...
+
+    async def heartbeat(self, replica_id: str, *, now: float, stale_after_s: float) -> int:
+        """Record that this replica lives; return how many replicas live (this one included)."""
+
+    async def retire(self, replica_id: str) -> None:
+        """Forget this replica at a clean stop, so the others take its budget share at once."""
+
+    async def listen_registrations(self, wake: Callable[[], None], stopping: asyncio.Event) -> None:
+        """Call `wake` whenever another process registers a watch, until `stopping` is set.
+
+        Only an accelerator: the poll loop also looks for due work at least once a second.
+        """

@@ -15,6 +15,7 @@ import asyncio
 import re
 import urllib.parse
 from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
 from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
 import asyncpg
@@ -106,7 +107,16 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX tasks_due ON tasks (next_poll_at);
     """,
+    """
+    CREATE TABLE relay_replicas (
+        replica_id   text PRIMARY KEY,
+        heartbeat_at double precision NOT NULL
+    );
+    """,
 )
+
+# How long a lost LISTEN connection waits before it tries again.
+LISTEN_RETRY_S = 2.0
 
 # JSON travels as text holding orjson's bytes: jsonb would reorder keys, and the callback must carry
 # the upstream data verbatim.
@@ -226,6 +236,8 @@ class PostgresStore:
         self._command_timeout_s = command_timeout_s
         self._secrets = _dsn_secrets(dsn)
         self._pool: asyncpg.Pool[asyncpg.Record] | None = None
+        # One channel per schema, so relays on other schemas of the same database stay apart.
+        self._channel = f"relay_registered_{schema}"
 
     # --- plumbing ---------------------------------------------------------------------------------
 
@@ -366,6 +378,8 @@ class PostgresStore:
                     new.task_id,
                     now,
                 )
+                # Delivered at commit: every replica's poller wakes for the new stream at once.
+                await conn.execute("SELECT pg_notify($1, '')", self._channel)
                 created = await _get(conn, watch_id)
                 assert created is not None
                 return created, True
@@ -632,6 +646,53 @@ class PostgresStore:
 
         return await self._run(run)
 
+    # --- replicas ---------------------------------------------------------------------------------
+
+    async def heartbeat(self, replica_id: str, *, now: float, stale_after_s: float) -> int:
+        async def beat(conn: Conn) -> int:
+            await conn.execute(
+                "INSERT INTO relay_replicas (replica_id, heartbeat_at) VALUES ($1, $2)"
+                " ON CONFLICT (replica_id) DO UPDATE SET heartbeat_at = EXCLUDED.heartbeat_at",
+                replica_id,
+                now,
+            )
+            await conn.execute(
+                "DELETE FROM relay_replicas WHERE heartbeat_at < $1", now - stale_after_s
+            )
+            live: int = await conn.fetchval("SELECT count(*) FROM relay_replicas")
+            return live
+
+        return await self._run(beat, tx=True)
+
+    async def retire(self, replica_id: str) -> None:
+        async def retire(conn: Conn) -> None:
+            await conn.execute("DELETE FROM relay_replicas WHERE replica_id = $1", replica_id)
+
+        await self._run(retire)
+
+    async def listen_registrations(self, wake: Callable[[], None], stopping: asyncio.Event) -> None:
+        """LISTEN on a connection of its own (not the pool's), reconnecting after an outage."""
+
+        def on_notify(*_: object) -> None:
+            wake()
+
+        while not stopping.is_set():
+            conn: asyncpg.Connection[asyncpg.Record] | None = None
+            try:
+                conn = await asyncpg.connect(self._dsn, timeout=self._connect_timeout_s)
+                await conn.add_listener(self._channel, on_notify)
+                wake()  # registrations made while we were not listening
+                closed = asyncio.Event()
+                conn.add_termination_listener(partial(_set_event, closed))
+                await _first_of(stopping.wait(), closed.wait())
+            except _OPEN_ERRORS:
+                pass
+            finally:
+                if conn is not None and not conn.is_closed():
+                    await conn.close(timeout=self._command_timeout_s)
+            if not stopping.is_set():
+                await _first_of(stopping.wait(), asyncio.sleep(LISTEN_RETRY_S))
+
 
 def _dsn_secrets(dsn: str) -> list[str]:
     """The password a DSN carries (in the authority or as `?password=`), to scrub from messages."""
@@ -643,3 +704,17 @@ def _dsn_secrets(dsn: str) -> list[str]:
         return []
     secrets += [urllib.parse.unquote(s) for s in secrets]
     return sorted({s for s in secrets if s}, key=len, reverse=True)
+
+
+async def _first_of(*aws: Awaitable[object]) -> None:
+    """Wait until any of `aws` finishes; cancel the rest."""
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+def _set_event(event: asyncio.Event, *_: object) -> None:
+    event.set()

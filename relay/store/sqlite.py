@@ -515,3 +515,14 @@ class SQLiteStore:
             return counts
 
         return await self._run(run)
+
+    # --- replicas ---------------------------------------------------------------------------------
+
+    async def heartbeat(self, replica_id: str, *, now: float, stale_after_s: float) -> int:
+        return 1  # one SQLite file has one relay process: it has the whole budget
+
+    async def retire(self, replica_id: str) -> None:
+        return None
+
+    async def listen_registrations(self, wake: Callable[[], None], stopping: asyncio.Event) -> None:
+        await stopping.wait()  # every registration comes through this process's own API

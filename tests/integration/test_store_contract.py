@@ -28,7 +28,7 @@ from relay.models import (
     WatchState,
 )
 from relay.store import Store, StoreConflict, StoreUnavailable, open_store
-from relay.store.postgres import PostgresStore
+from relay.store.postgres import MIGRATIONS, PostgresStore
 from relay.store.sqlite import SQLiteStore
 
 PG_DSN_ENV = "RELAY_TEST_POSTGRES_DSN"
@@ -119,7 +119,9 @@ async def store(
         await opened.open()
         conn = await asyncpg.connect(dsn)
         try:
-            await conn.execute(f'TRUNCATE "{schema}".watches, "{schema}".tasks')
+            await conn.execute(
+                f'TRUNCATE "{schema}".watches, "{schema}".tasks, "{schema}".relay_replicas'
+            )
         finally:
             await conn.close()
     yield opened
@@ -960,6 +962,54 @@ async def test_concurrent_claimers_never_get_the_same_stream(
     assert [] == await second.claim_due_tasks(now=now, limit=50, lease_s=LEASE)
 
 
+async def test_heartbeats_count_live_replicas_and_forget_stale_and_retired_ones(
+    pg_pair: tuple[PostgresStore, ...],
+) -> None:
+    """Two beating replicas count 2; a silent one drops out after the stale window; retire is at once."""
+    first, second = pg_pair
+    assert 1 == await first.heartbeat("a", now=T0, stale_after_s=15.0)
+    assert 2 == await second.heartbeat("b", now=T0 + 1, stale_after_s=15.0)
+    assert 2 == await first.heartbeat("a", now=T0 + 15, stale_after_s=15.0)
+    assert 1 == await first.heartbeat("a", now=T0 + 17, stale_after_s=15.0)  # b went silent
+    assert 2 == await second.heartbeat("b", now=T0 + 18, stale_after_s=15.0)
+    await second.retire("b")
+    assert 1 == await first.heartbeat("a", now=T0 + 19, stale_after_s=15.0)
+
+
+async def test_registration_on_one_replica_wakes_the_other(
+    pg_pair: tuple[PostgresStore, ...],
+) -> None:
+    """A watch registered through one store NOTIFYs a listener on the other at commit."""
+    first, second = pg_pair
+    stopping = asyncio.Event()
+    wakes: list[int] = []
+    woken = asyncio.Event()
+
+    def wake() -> None:
+        wakes.append(1)
+        woken.set()
+
+    listener = asyncio.create_task(second.listen_registrations(wake, stopping))
+    await asyncio.wait_for(woken.wait(), 10)  # the first wake comes once it listens
+    woken.clear()
+    await register(first, "wt_notify", "tk-hiapi-notify")
+    await asyncio.wait_for(woken.wait(), 10)
+    stopping.set()
+    await asyncio.wait_for(listener, 10)
+    assert 2 == len(wakes)
+
+
+async def test_sqlite_store_is_always_a_single_replica(tmp_path: Path) -> None:
+    """SQLite serves one process: its heartbeat always counts one replica."""
+    store = SQLiteStore(str(tmp_path / "relay.db"))
+    await store.open()
+    try:
+        assert 1 == await store.heartbeat("a", now=T0, stale_after_s=15.0)
+        assert 1 == await store.heartbeat("b", now=T0, stale_after_s=15.0)
+    finally:
+        await store.close()
+
+
 async def test_concurrent_registrations_of_one_pair_make_one_watch(
     pg_pair: tuple[PostgresStore, ...],
 ) -> None:
@@ -1039,7 +1089,7 @@ async def test_replicas_starting_at_once_migrate_without_error(
             )
         finally:
             await conn.close()
-        assert [1] == [r["version"] for r in versions]
+        assert list(range(1, len(MIGRATIONS) + 1)) == [r["version"] for r in versions]
     finally:
         for opened in stores:
             await opened.close()
