@@ -22,6 +22,15 @@ from relay.upstream import TaskFetcher
 from relay.workloop import WorkLoop
 
 EXPIRE_BATCH = 500
+# Saved-up tokens, as a fraction of a second's worth: any one-second window then sees at most
+# 1.1 x RELAY_UPSTREAM_RPS, and a burst after an idle spell stays small.
+BURST_FRACTION = 0.1
+
+
+def burst_for(rps: float) -> float:
+    return max(1.0, rps * BURST_FRACTION)
+
+
 EXPIRY_EVERY_S = 1.0
 
 
@@ -51,7 +60,7 @@ class Poller(WorkLoop[TaskClaim]):
         self._rand = rand
         self._on_finished = on_finished
         self._rps = rps
-        self._bucket = TokenBucket(rps, now=clock())
+        self._bucket = TokenBucket(rps, burst=burst_for(rps), now=clock())
         self._last_expiry = float("-inf")
         # A rejected API key fails every task alike: pause all polling instead of burning
         # through every stream's backoff, and say so in a gauge an alert can use.
@@ -60,7 +69,8 @@ class Poller(WorkLoop[TaskClaim]):
 
     def share_budget(self, replicas: int, now: float) -> None:
         """Take 1/`replicas` of RELAY_UPSTREAM_RPS: the budget is the deployment's, not ours."""
-        self._bucket.set_rate(self._rps / max(1, replicas), now)
+        share = self._rps / max(1, replicas)
+        self._bucket.set_rate(share, burst=burst_for(share), now=now)
 
     async def expire(self, now: float) -> int:
         """Move watches past their deadline to a `task.timeout` callback."""

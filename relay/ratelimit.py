@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-# At epoch-sized clocks (1.7e9 s) a float step is ~2e-7 s, so refills land a hair short of a
-# whole token; treat anything within this of a whole token as whole.
-_EPSILON = 1e-6
+# At epoch-sized clocks (1.7e9 s) a float step is ~2.4e-7 s, so refills land a hair short of a
+# whole token (1e-5 of one at 50/s); a thousandth of a token is a harmless tolerance.
+_EPSILON = 1e-3
 
 
 class TokenBucket:
@@ -16,11 +16,11 @@ class TokenBucket:
         self._tokens = self.burst
         self._updated = now
 
-    def set_rate(self, rate: float, now: float) -> None:
+    def set_rate(self, rate: float, *, burst: float, now: float) -> None:
         """Change the rate (a replica's share of the deployment's budget) from `now` on."""
         self._refill(now)
         self.rate = rate
-        self.burst = max(1.0, rate)
+        self.burst = max(1.0, burst)
         self._tokens = min(self._tokens, self.burst)
 
     def _refill(self, now: float) -> None:

@@ -178,20 +178,17 @@ async def test_nothing_is_polled_before_it_is_due(relay: Relay, upstream: Upstre
 async def test_rate_budget_caps_polls_per_second(
     make_relay: RelayFactory, upstream: Upstream
 ) -> None:
-    """With RELAY_UPSTREAM_RPS=5, twenty due streams are polled five a second."""
-    relay = await make_relay(upstream_rps=5.0)
-    for i in range(20):
+    """RELAY_UPSTREAM_RPS=50: a burst of 5, then 5 per 0.1 s; any second sees at most 55 polls."""
+    relay = await make_relay(upstream_rps=50.0)
+    for i in range(100):
         await upstream.flip(f"{TASK}{i}", "handling")
         await relay.register(f"{TASK}{i}", "http://127.0.0.1:9/hook")
 
-    assert [5, 0, 5, 5, 5] == [
-        await relay.poll(),
-        await relay.poll(0.1),
-        await relay.poll(0.9),
-        await relay.poll(1.0),
-        await relay.poll(1.0),
-    ]
-    assert 20 == upstream.fake.stats()["requests"]
+    polled = [await relay.poll()] + [await relay.poll(0.1) for _ in range(10)]
+
+    assert [5] * 11 == polled
+    assert 55 == upstream.fake.stats()["requests"]
+    assert 0 == await relay.poll(0.01)
 
 
 @pytest.mark.parametrize(

@@ -136,4 +136,5 @@ def test_no_window_ever_gets_more_than_rate_times_its_length_plus_the_burst(
         spent = 0
         for end, count in timeline[i:]:
             spent += count
-            assert spent <= rate * (end - start) + capacity + 1e-9
+            # The bucket rounds up a token it is within a thousandth of (float clocks).
+            assert spent <= rate * (end - start) + capacity + 1e-3
