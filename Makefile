@@ -8,7 +8,7 @@ PY := $(BIN)/python
 
 install: $(VENV)/.installed
 
-# The same install command the Dockerfile uses: the project and its dev extras, from PyPI.
+# deploy/Dockerfile runs these same pip commands without -e and the [dev] extra (tests/deploy checks it).
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip

@@ -62,7 +62,11 @@ def _serve(settings: Settings) -> int:
 async def _migrate(settings: Settings) -> int:
     from relay.store import open_store
 
-    store = await open_store(settings.store_url, synchronous=settings.sqlite_synchronous)
+    store = await open_store(
+        settings.store_url,
+        synchronous=settings.sqlite_synchronous,
+        postgres_schema=settings.postgres_schema,
+    )
     await store.close()
     print("store schema is up to date", file=sys.stderr)
     return 0

@@ -308,10 +308,12 @@ class PostgresStore:
         if found is None:
             await conn.execute(f'CREATE SCHEMA "{self._schema}"')
         await conn.execute(f'SET LOCAL search_path TO "{self._schema}"')
-        await conn.execute(
-            "CREATE TABLE IF NOT EXISTS relay_schema_migrations"
-            " (version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
-        )
+        # Same for the table: CREATE TABLE IF NOT EXISTS needs CREATE even when the table exists.
+        if await conn.fetchval("SELECT to_regclass('relay_schema_migrations')") is None:
+            await conn.execute(
+                "CREATE TABLE relay_schema_migrations"
+                " (version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+            )
         applied = {r[0] for r in await conn.fetch("SELECT version FROM relay_schema_migrations")}
         for version, script in enumerate(MIGRATIONS, start=1):
             if version in applied:
