@@ -146,6 +146,7 @@ async def _loops_ctx(
         metrics=metrics,
         policy=DeliveryPolicy.from_settings(settings),
         concurrency=settings.delivery_concurrency,
+        per_host=settings.delivery_per_host,
         lease_s=settings.delivery_lease_s,
         clock=clock,
         rand=rand,

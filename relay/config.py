@@ -84,6 +84,7 @@ class Settings:
     delivery_backoff_max_s: float = 3_600.0
     delivery_max_attempts: int = 10
     delivery_concurrency: int = 32
+    delivery_per_host: int = 8
     # A claim is a lease: the row stays invisible to other claimers this long. It must outlast
     # the work it covers, or the same poll or callback would run twice at once.
     poll_lease_s: float = 60.0
@@ -136,6 +137,7 @@ class Settings:
         take("RELAY_DELIVERY_BACKOFF_MAX_S", "delivery_backoff_max_s", _positive_float)
         take("RELAY_DELIVERY_MAX_ATTEMPTS", "delivery_max_attempts", _int_between(1, 1000))
         take("RELAY_DELIVERY_CONCURRENCY", "delivery_concurrency", _int_between(1, 10_000))
+        take("RELAY_DELIVERY_PER_HOST", "delivery_per_host", _int_between(1, 10_000))
         take("RELAY_POLL_LEASE_S", "poll_lease_s", _positive_float)
         take("RELAY_DELIVERY_LEASE_S", "delivery_lease_s", _positive_float)
         take("RELAY_SHUTDOWN_TIMEOUT_S", "shutdown_timeout_s", _non_negative_float)

@@ -10,12 +10,14 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Protocol
 
 import aiohttp
 import orjson
+from yarl import URL
 
 from relay import __version__, logs, signing
 from relay.metrics import Metrics
@@ -25,6 +27,14 @@ from relay.store.base import Store
 from relay.workloop import WorkLoop
 
 USER_AGENT = f"hiapi-relay/{__version__}"
+# A callback whose receiver is at its in-flight bound looks again this much later.
+HOST_BUSY_DEFER_S = 1.0
+
+
+def receiver_key(callback_url: str) -> str:
+    """Callbacks are bounded per receiver: scheme, host and port."""
+    url = URL(callback_url)
+    return f"{url.scheme}://{url.host}:{url.port}"
 
 
 def message_id(watch_id: str) -> str:
@@ -126,11 +136,14 @@ class Deliverer(WorkLoop[DeliveryJob]):
         metrics: Metrics,
         policy: DeliveryPolicy,
         concurrency: int,
+        per_host: int,
         lease_s: float,
         clock: Callable[[], float] = time.time,
         rand: Callable[[], float] = random.random,
     ) -> None:
         super().__init__(metrics=metrics, concurrency=concurrency, clock=clock)
+        self._per_host = per_host
+        self._host_in_flight: Counter[str] = Counter()
         self._store = store
         self._sender = sender
         self._policy = policy
@@ -139,9 +152,25 @@ class Deliverer(WorkLoop[DeliveryJob]):
 
     async def _claim(self, now: float, free: int) -> list[DeliveryJob]:
         jobs = await self._store.claim_due_deliveries(now=now, limit=free, lease_s=self._lease_s)
+        accepted, busy = [], []
         for job in jobs:
+            host = receiver_key(job.callback_url)
+            if self._host_in_flight[host] >= self._per_host:
+                busy.append(job.watch_id)
+                continue
+            self._host_in_flight[host] += 1  # given back when the attempt ends (_handle)
+            accepted.append(job)
             self._metrics.scheduler_lag.labels("delivery").observe(max(0.0, now - job.due_at))
-        return jobs
+        if busy:
+            # One slow receiver must not take every slot from the healthy ones: its other
+            # callbacks wait, without an attempt counted, until it has a slot free.
+            await self._store.defer_deliveries(busy, due_at=now + HOST_BUSY_DEFER_S)
+            self._metrics.callbacks_deferred.labels("receiver_busy").inc(len(busy))
+        return accepted
+
+    async def _hand_back(self, items: list[DeliveryJob], now: float) -> None:
+        await self._store.defer_deliveries([j.watch_id for j in items], due_at=now)
+        self._metrics.callbacks_deferred.labels("handed_back").inc(len(items))
 
     async def _next_due_at(self, now: float) -> float | None:
         return await self._store.next_delivery_due_at()
@@ -149,7 +178,13 @@ class Deliverer(WorkLoop[DeliveryJob]):
     async def _handle(self, item: DeliveryJob) -> None:
         metrics = self._metrics
         started = time.perf_counter()
-        result = await self._sender.send(item, now=self._clock())
+        host = receiver_key(item.callback_url)
+        try:
+            result = await self._sender.send(item, now=self._clock())
+        finally:
+            self._host_in_flight[host] -= 1
+            if not self._host_in_flight[host]:
+                del self._host_in_flight[host]
         metrics.callback_duration.observe(time.perf_counter() - started)
         now = self._clock()
         record = plan_after_delivery(item, result, now=now, rand=self._rand(), policy=self._policy)

@@ -93,6 +93,13 @@ class Metrics:
             "Callbacks waiting for delivery (state delivering).",
             registry=r,
         )
+        self.callbacks_deferred = Counter(
+            "relay_callbacks_deferred",
+            "Claimed callbacks put back without an attempt: receiver_busy (it already has"
+            " RELAY_DELIVERY_PER_HOST attempts in flight) or handed_back (a stop cut them short).",
+            ["reason"],
+            registry=r,
+        )
         self.scheduler_lag = Histogram(
             "relay_scheduler_lag_seconds",
             "How late a poll or a callback attempt ran against its due time.",
@@ -156,6 +163,8 @@ class Metrics:
             self.callback_attempts.labels(delivery_outcome.value)
         for state in WatchState:
             self.watches_by_state.labels(state.value)
+        for reason in ("receiver_busy", "handed_back"):
+            self.callbacks_deferred.labels(reason)
         for loop in ("poll", "delivery"):
             self.scheduler_lag.labels(loop)
             self.loop_errors.labels(loop)

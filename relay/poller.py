@@ -109,6 +109,9 @@ class Poller(WorkLoop[TaskClaim]):
         due = await self._store.next_poll_due_at()
         return None if due is None else min(due, self._last_expiry + EXPIRY_EVERY_S)
 
+    async def _hand_back(self, items: list[TaskClaim], now: float) -> None:
+        await self._store.release_tasks([c.task_id for c in items], due_at=now)
+
     async def _handle(self, item: TaskClaim) -> None:
         metrics = self._metrics
         metrics.upstream_in_flight.inc()

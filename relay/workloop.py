@@ -32,6 +32,7 @@ class WorkLoop(abc.ABC, Generic[J]):
         self._clock = clock
         self._wake = asyncio.Event()
         self._in_flight: set[asyncio.Task[None]] = set()
+        self._cut_short: list[J] = []
 
     @abc.abstractmethod
     async def _claim(self, now: float, free: int) -> list[J]:
@@ -44,6 +45,10 @@ class WorkLoop(abc.ABC, Generic[J]):
     @abc.abstractmethod
     async def _next_due_at(self, now: float) -> float | None:
         """When the next item falls due (None: nothing scheduled)."""
+
+    @abc.abstractmethod
+    async def _hand_back(self, items: list[J], now: float) -> None:
+        """Make items whose work a stop cut short due again at once, not when their lease ends."""
 
     def wake(self) -> None:
         """New work may be due now: stop idling."""
@@ -103,6 +108,9 @@ class WorkLoop(abc.ABC, Generic[J]):
     async def _handle_guarded(self, item: J) -> None:
         try:
             await self._handle(item)
+        except asyncio.CancelledError:
+            self._cut_short.append(item)
+            raise
         except StoreUnavailable as exc:
             # The item's lease runs out and it falls due again: nothing is lost.
             self._store_unavailable(exc)
@@ -117,7 +125,17 @@ class WorkLoop(abc.ABC, Generic[J]):
         logs.event(self.log, "store_unavailable", logging.ERROR, loop=self.name, detail=str(exc))
 
     async def cancel_in_flight(self) -> None:
-        """Past the drain bound: stop what is still running; leases bring it back later."""
+        """Past the drain bound: stop what is still running and hand it back to the store.
+
+        If the store cannot take it back now, the leases bring it back later: nothing is lost.
+        """
         for task in list(self._in_flight):
             task.cancel()
         await asyncio.gather(*self._in_flight, return_exceptions=True)
+        cut_short, self._cut_short = self._cut_short, []
+        if cut_short:
+            try:
+                await self._hand_back(cut_short, self._clock())
+            except StoreUnavailable as exc:
+                self._store_unavailable(exc)
+            logs.event(self.log, "work_handed_back", logging.WARNING, count=len(cut_short))

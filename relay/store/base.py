@@ -73,6 +73,13 @@ class Store(Protocol):
 
     async def record_deliveries(self, records: Sequence[DeliveryRecord], *, now: float) -> None: ...
 
+    async def release_tasks(self, task_ids: Sequence[str], *, due_at: float) -> None:
+        """Hand claimed poll streams back before their lease ends (a stop cut their poll short)."""
+
+    async def defer_deliveries(self, watch_ids: Sequence[str], *, due_at: float) -> None:
+        """Move claimed callbacks to `due_at` without counting an attempt (handed back, or their
+        receiver already has its share of attempts in flight)."""
+
     async def next_poll_due_at(self) -> float | None:
         """The earliest time a poll or a watch deadline falls due."""
 

@@ -616,6 +616,29 @@ class PostgresStore:
 
         await self._run(record, tx=True)
 
+    async def release_tasks(self, task_ids: Sequence[str], *, due_at: float) -> None:
+        async def release(conn: Conn) -> None:
+            await conn.execute(
+                "UPDATE tasks SET next_poll_at = $1 WHERE task_id = ANY($2::text[])",
+                due_at,
+                sorted(task_ids),
+            )
+
+        if task_ids:
+            await self._run(release)
+
+    async def defer_deliveries(self, watch_ids: Sequence[str], *, due_at: float) -> None:
+        async def defer(conn: Conn) -> None:
+            await conn.execute(
+                "UPDATE watches SET next_delivery_at = $1"
+                " WHERE watch_id = ANY($2::text[]) AND state = 'delivering'",
+                due_at,
+                sorted(watch_ids),
+            )
+
+        if watch_ids:
+            await self._run(defer)
+
     # --- schedule and gauges ----------------------------------------------------------------------
 
     async def next_poll_due_at(self) -> float | None:

@@ -486,6 +486,26 @@ class SQLiteStore:
 
         await self._run(lambda conn: self._write(conn, record))
 
+    async def release_tasks(self, task_ids: Sequence[str], *, due_at: float) -> None:
+        def release(conn: sqlite3.Connection) -> None:
+            conn.executemany(
+                "UPDATE tasks SET next_poll_at = ? WHERE task_id = ?",
+                [(due_at, task_id) for task_id in task_ids],
+            )
+
+        if task_ids:
+            await self._run(lambda conn: self._write(conn, release))
+
+    async def defer_deliveries(self, watch_ids: Sequence[str], *, due_at: float) -> None:
+        def defer(conn: sqlite3.Connection) -> None:
+            conn.executemany(
+                "UPDATE watches SET next_delivery_at = ? WHERE watch_id = ? AND state = 'delivering'",
+                [(due_at, watch_id) for watch_id in watch_ids],
+            )
+
+        if watch_ids:
+            await self._run(lambda conn: self._write(conn, defer))
+
     # --- schedule and gauges ----------------------------------------------------------------------
 
     async def next_poll_due_at(self) -> float | None:

@@ -433,5 +433,28 @@ async def test_revoked_api_key_pauses_all_polling_with_backoff(
     await upstream.control("POST", "/fail-all", {"status": None})
     await relay.step(0.1)
     await relay.step(60.0)
+    await relay.deliver(1.0)  # one receiver takes 8 at a time (RELAY_DELIVERY_PER_HOST)
     assert 0.0 == relay.sample("relay_upstream_auth_failing")
     assert 10 == len(receiver.requests)
+
+
+async def test_one_receiver_gets_at_most_its_share_of_attempts_in_flight(
+    make_relay: RelayFactory, upstream: Upstream, receiver: Receiver
+) -> None:
+    """20 callbacks to one receiver, RELAY_DELIVERY_PER_HOST=8: 8 go, 12 wait 1 s uncounted."""
+    relay = await make_relay(delivery_per_host=8)
+    watches = []
+    for i in range(20):
+        await upstream.flip(f"{TASK}{i}", "success")
+        watches.append(await relay.register(f"{TASK}{i}", receiver.at(f"/h{i}")))
+    await relay.poll()
+
+    assert 8 == await relay.deliver()
+    assert 12.0 == relay.sample("relay_callbacks_deferred_total", {"reason": "receiver_busy"})
+    waiting = [await relay.watch(w["watchId"]) for w in watches]
+    assert 12 == sum(1 for w in waiting if w["state"] == "delivering")
+    assert {0} == {w["deliveryAttempts"] for w in waiting if w["state"] == "delivering"}
+    assert 0 == await relay.deliver(0.9)
+    assert 8 == await relay.deliver(0.1)
+    assert 4 == await relay.deliver(1.0)
+    assert 20 == len(receiver.requests)

@@ -922,6 +922,31 @@ async def test_watch_view_shows_stream_fields_only_while_watching(store: Store) 
     )
 
 
+async def test_released_stream_is_due_again_at_once(store: Store) -> None:
+    """A stream handed back after a cut-short poll is claimable at the given time, not at lease end."""
+    await register(store, "wt_1")
+    [claim] = await store.claim_due_tasks(now=T0, limit=10, lease_s=LEASE)
+    assert [] == await store.claim_due_tasks(now=T0 + 1, limit=10, lease_s=LEASE)
+    await store.release_tasks([claim.task_id], due_at=T0 + 1)
+    [again] = await store.claim_due_tasks(now=T0 + 1, limit=10, lease_s=LEASE)
+    assert (TASK_A, T0 + 1, 0) == (again.task_id, again.due_at, again.polls)
+
+
+async def test_deferred_callback_comes_back_without_an_attempt_counted(store: Store) -> None:
+    """Deferring a claimed callback moves its due time only; a cancelled watch stays untouched."""
+    await register(store, "wt_1")
+    await register(store, "wt_2", callback_url=HOOK + "/2")
+    await store.apply_poll_results([finish()], now=T0 + 1)
+    jobs = await store.claim_due_deliveries(now=T0 + 2, limit=10, lease_s=LEASE)
+    assert ["wt_1", "wt_2"] == sorted(j.watch_id for j in jobs)
+    await store.cancel_watch("wt_2", now=T0 + 2)
+    await store.defer_deliveries(["wt_1", "wt_2"], due_at=T0 + 3)
+
+    [job] = await store.claim_due_deliveries(now=T0 + 3, limit=10, lease_s=LEASE)
+    assert ("wt_1", 0, T0 + 3) == (job.watch_id, job.attempts, job.due_at)
+    assert WatchState.CANCELLED == (await get(store, "wt_2")).state
+
+
 # --- PostgreSQL only ------------------------------------------------------------------------------
 
 
