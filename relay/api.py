@@ -8,10 +8,15 @@ import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable
+from importlib import resources
 from typing import Any
 
 import orjson
-from aiohttp import web
+from aiohttp import hdrs, web
+from multidict import CIMultiDict
+from prometheus_client import CollectorRegistry
+from prometheus_client.aiohttp import make_aiohttp_handler
+from prometheus_client.exposition import choose_encoder
 
 from relay import logs
 from relay.delivery import iso_utc
@@ -43,6 +48,8 @@ _TASK_ID_RE = re.compile(r"[A-Za-z0-9_-]+")
 _WATCH_ID_RE = re.compile(r"wt_[0-9a-f]{32}")
 _LIMIT_RE = re.compile(r"[0-9]{1,4}")  # ASCII only: str.isdigit() accepts '²'
 _WATCH_FIELDS = frozenset({"taskId", "callbackUrl", "metadata"})
+# Read once, at import: a wheel that lost its package data fails at start, not on the first GET.
+OPENAPI_DOCUMENT = resources.files("relay").joinpath("openapi.json").read_bytes()
 
 routes = web.RouteTableDef()
 
@@ -81,7 +88,8 @@ def json_response(
 def store_unavailable(exc: StoreUnavailable) -> Problem:
     return Problem(
         503,
-        "the store cannot take this request right now; nothing was changed, retry later",
+        "the store could not confirm this request; retry later (registering again is safe:"
+        " it answers the same watch if this one was kept after all)",
         kind="store-unavailable",
         headers={"Retry-After": "5"},
     )
@@ -362,3 +370,26 @@ async def readyz(request: web.Request) -> web.Response:
         {"status": "ready" if ready else "not ready", "checks": checks},
         status=200 if ready else 503,
     )
+
+
+def metrics_handler(registry: CollectorRegistry) -> Handler:
+    """prometheus_client's handler, except that an `Accept` it cannot parse gets the text format."""
+    inner = make_aiohttp_handler(registry)
+
+    async def metrics(request: web.Request) -> web.StreamResponse:
+        try:
+            choose_encoder(",".join(request.headers.getall(hdrs.ACCEPT, [])))
+        except (TypeError, ValueError):
+            # prometheus_client raises on a `version=` it cannot compare (`text/plain; version=x.y`);
+            # answer as to a scraper that named no format rather than with a 500.
+            headers = CIMultiDict(request.headers)
+            headers.popall(hdrs.ACCEPT, None)
+            request = request.clone(headers=headers)
+        return await inner(request)
+
+    return metrics
+
+
+@routes.get("/openapi.json")
+async def openapi(request: web.Request) -> web.Response:
+    return web.Response(body=OPENAPI_DOCUMENT, content_type="application/json")

@@ -21,7 +21,6 @@ from functools import partial
 import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry
-from prometheus_client.aiohttp import make_aiohttp_handler
 from yarl import URL
 
 from relay import __version__, api, logs
@@ -90,7 +89,7 @@ def create_app(
     app[CALLBACK_CHECK] = check_callback
 
     app.add_routes(api.routes)
-    app.router.add_get("/metrics", make_aiohttp_handler(metrics.registry))
+    app.router.add_get("/metrics", api.metrics_handler(metrics.registry))
 
     app.cleanup_ctx.append(partial(_store_ctx, store=store))
     app.cleanup_ctx.append(partial(_loops_ctx, policy=policy, rand=rand, run_loops=run_loops,

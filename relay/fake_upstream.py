@@ -34,16 +34,27 @@ The control API under ``/_fake/`` (JSON in, JSON out, no api key) steers it from
   connection, so script two resets in a row for an aiohttp caller to see one.
 - ``POST /_fake/fail-all`` ``{"status": 401, "count"?: n, "retryAfter"?: s}`` makes every GET
   answer that status (for n GETs, or until ``{"status": null}``).
+- ``POST /_fake/chaos`` ``{"rate": 0.3, "seed": 7, "kinds"?: [...], "hangS"?: s}`` makes that
+  fraction of GETs fail, each with a kind drawn from a random generator seeded with ``seed``
+  (every kind when ``kinds`` is left out; ``{"rate": 0}`` stops it). The kinds: ``500``, ``502``,
+  ``503``, ``401`` and ``429`` (envelope errors), ``429-retry-after`` (with ``Retry-After: 1``),
+  ``hang`` (sleep ``hangS``, default 30 s, before answering: past any sane client timeout),
+  ``reset`` (drop the connection), ``truncated`` (half the promised body, then close),
+  ``not-json`` (HTTP 200 with a proxy's HTML page), ``wrong-shape`` (a success envelope whose
+  ``data`` is not this task: a list, no status, another task's id...) and ``backwards`` (a
+  status earlier than the task's current one, never a terminal one). ``GET /_fake/chaos``
+  answers the settings and ``injected``, the faults answered so far by kind.
 - ``GET /_fake/stats`` counts GETs: ``requests``, ``perTask``, ``maxConcurrentPerTask``,
   ``overlaps``, ``maxRps1s``, ``flips``.
-- ``POST /_fake/reset`` forgets tasks, scripts, fail-all and stats.
+- ``POST /_fake/reset`` forgets tasks, scripts, fail-all, chaos and stats.
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from http import HTTPStatus
@@ -64,6 +75,25 @@ DEFAULT_ERROR = {"code": "generation_failed", "message": "the model could not re
 # A complete body cut mid-object: invalid JSON that still looks like the real thing.
 GARBAGE_BODY = b'{"code": 200, "message": "succ'
 SLOW_FACTOR = 10.0
+# The statuses a task passes through before its end, in order: `backwards` answers one of them.
+PROGRESS = ("queued", "handling", "archiving")
+CHAOS_KINDS = (
+    "500",
+    "502",
+    "503",
+    "429",
+    "429-retry-after",
+    "hang",
+    "reset",
+    "truncated",
+    "not-json",
+    "wrong-shape",
+    "backwards",
+    "401",
+)
+CHAOS_HANG_S = 30.0
+# What a proxy in front of the API answers when the API behind it is gone.
+PROXY_PAGE = "<html><head><title>502 Bad Gateway</title></head><body>nginx</body></html>"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -152,6 +182,35 @@ class _FailAll:
     remaining: int | None  # None: until cleared
 
 
+@dataclass(slots=True, kw_only=True)
+class _Chaos:
+    """Faults at a rate, drawn from a seeded generator so a chaos run can be repeated."""
+
+    rate: float
+    seed: int
+    kinds: tuple[str, ...]
+    hang_s: float
+    rng: random.Random
+    injected: Counter[str] = field(default_factory=Counter)
+
+    def draw(self) -> str | None:
+        """The fault for the next GET, or None to answer it normally."""
+        if self.rng.random() >= self.rate:
+            return None
+        kind = self.rng.choice(self.kinds)
+        self.injected[kind] += 1
+        return kind
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "rate": self.rate,
+            "seed": self.seed,
+            "kinds": list(self.kinds),
+            "hangS": self.hang_s,
+            "injected": dict(sorted(self.injected.items())),
+        }
+
+
 @dataclass(slots=True)
 class _Stats:
     requests: int = 0
@@ -228,11 +287,26 @@ class FakeUpstream:
         self._tasks: dict[str, _Task] = {}
         self._scripts: dict[str, deque[_Scripted]] = {}
         self._fail_all: _FailAll | None = None
+        self._chaos: _Chaos | None = None
         self._stats = _Stats()
 
     def stats(self) -> dict[str, Any]:
         """The same document `GET /_fake/stats` answers."""
         return self._stats.as_json()
+
+    def status_of(self, task_id: str) -> str | None:
+        """The task's true status now (what a fault-free GET would say); None if not found."""
+        task = self._tasks.get(task_id)
+        if task is None or task.vanished:
+            return None
+        return str(self._task_data(task, self._clock())["status"])
+
+    def ended_at(self, task_id: str) -> float | None:
+        """When the task reached success or fail (clock seconds); None if it has not ended."""
+        task = self._tasks.get(task_id)
+        if task is None or self.status_of(task_id) not in TERMINAL_STATUSES:
+            return None
+        return task.pin.at if task.pin is not None else task.created + task.schedule.total_s
 
     # -- the task API ---------------------------------------------------------------------
 
@@ -295,6 +369,14 @@ class FakeUpstream:
             if not entry.delay_only:
                 return self._scripted(request, entry)
 
+        chaos = self._chaos
+        kind = None if chaos is None else chaos.draw()
+        if chaos is not None and kind == "hang":
+            await asyncio.sleep(chaos.hang_s)
+            now = self._clock()
+        elif kind is not None:
+            return await self._chaotic(request, kind, task_id, now)
+
         task = self._tasks.get(task_id)
         if task is None:
             if not task_id.startswith(TASK_ID_PREFIX):
@@ -307,6 +389,69 @@ class FakeUpstream:
         return _json_response(
             {"code": 200, "message": "success", "data": self._task_data(task, now)}
         )
+
+    async def _chaotic(
+        self, request: web.Request, kind: str, task_id: str, now: float
+    ) -> web.StreamResponse:
+        if kind == "429-retry-after":
+            return _envelope_error(429, retry_after=1)
+        if kind.isdigit():
+            return _envelope_error(int(kind))
+        if kind == "reset":
+            return self._scripted(request, _Scripted(reset=True))
+        if kind == "not-json":
+            return web.Response(text=PROXY_PAGE, content_type="text/html")
+        task = self._tasks.get(task_id)
+        if task is None and task_id.startswith(TASK_ID_PREFIX):
+            task = self._auto_create(task_id, now)
+        data = None if task is None or task.vanished else self._task_data(task, now)
+        if kind == "wrong-shape":
+            return _json_response(
+                {"code": 200, "message": "success", "data": self._misshapen(data, task_id)}
+            )
+        if kind == "backwards":
+            if data is None:
+                return self._not_found()
+            return _json_response(
+                {"code": 200, "message": "success", "data": self._backwards(data)}
+            )
+        # truncated: promise the whole answer, send half, close.
+        whole = (
+            _NOT_FOUND_BODY
+            if data is None
+            else orjson.dumps({"code": 200, "message": "success", "data": data})
+        )
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        response.content_length = len(whole)
+        await response.prepare(request)
+        await response.write(whole[: len(whole) // 2])
+        if request.transport is not None:
+            request.transport.close()  # unlike abort(), sends what was written first
+        return response
+
+    def _misshapen(self, data: dict[str, Any] | None, task_id: str) -> Any:
+        assert self._chaos is not None
+        base = data or {"taskId": task_id, "model": MODEL, "created": 0, "completed": 0}
+        shapes: list[Any] = [
+            [],
+            "success",
+            {k: v for k, v in base.items() if k != "status"},
+            {**base, "status": 7},
+            # Another task's end: a relay that skipped the id check would finish the wrong one.
+            {**base, "taskId": f"{task_id}-other", "status": "success", "completed": 1},
+            {**base, "taskId": None, "status": "fail"},
+        ]
+        return self._chaos.rng.choice(shapes)
+
+    def _backwards(self, data: dict[str, Any]) -> dict[str, Any]:
+        assert self._chaos is not None
+        status = data["status"]
+        earlier = PROGRESS[: PROGRESS.index(status)] if status in PROGRESS else PROGRESS
+        back = self._chaos.rng.choice(earlier) if earlier else status
+        return {k: v for k, v in data.items() if k not in ("output", "error")} | {
+            "status": back,
+            "completed": 0,
+        }
 
     def _auto_create(self, task_id: str, now: float) -> _Task:
         fault = next((f for f in ("429", "500", "garbage") if f"-{f}-" in task_id), None)
@@ -427,6 +572,18 @@ class FakeUpstream:
             return _json_response({"status": None, "remaining": None})
         return _json_response({"status": fail_all.status, "remaining": fail_all.remaining})
 
+    async def post_chaos(self, request: web.Request) -> web.Response:
+        try:
+            self._chaos = _parse_chaos(await _read_object(request))
+        except _BadRequestError as exc:
+            return _envelope_error(400, message=str(exc))
+        return await self.get_chaos(request)
+
+    async def get_chaos(self, request: web.Request) -> web.Response:
+        if self._chaos is None:
+            return _json_response({"rate": 0, "injected": {}})
+        return _json_response(self._chaos.as_json())
+
     async def get_stats(self, request: web.Request) -> web.Response:
         return _json_response(self._stats.as_json())
 
@@ -434,6 +591,7 @@ class FakeUpstream:
         self._tasks.clear()
         self._scripts.clear()
         self._fail_all = None
+        self._chaos = None
         self._stats = _Stats()
         return _json_response({"reset": True})
 
@@ -469,6 +627,33 @@ def _parse_fail_all(doc: dict[str, Any]) -> _FailAll | None:
     if retry_after is not None and not _is_seconds(retry_after):
         raise _BadRequestError("retryAfter must be a number of seconds >= 0")
     return _FailAll(status=status, retry_after=retry_after, remaining=count)
+
+
+def _parse_chaos(doc: dict[str, Any]) -> _Chaos | None:
+    unknown = set(doc) - {"rate", "seed", "kinds", "hangS"}
+    if unknown:
+        raise _BadRequestError(f"unknown chaos keys: {sorted(unknown)}")
+    rate = doc.get("rate")
+    if not (isinstance(rate, int | float) and not isinstance(rate, bool) and 0 <= rate <= 1):
+        raise _BadRequestError("rate must be a number from 0 to 1")
+    if rate == 0:
+        return None
+    seed = doc.get("seed", 0)
+    if not _is_int(seed):
+        raise _BadRequestError("seed must be an integer")
+    kinds = doc.get("kinds", list(CHAOS_KINDS))
+    if not (isinstance(kinds, list) and kinds and all(k in CHAOS_KINDS for k in kinds)):
+        raise _BadRequestError(f"kinds must be a non-empty array of {list(CHAOS_KINDS)}")
+    hang_s = doc.get("hangS", CHAOS_HANG_S)
+    if not _is_seconds(hang_s):
+        raise _BadRequestError("hangS must be a number of seconds >= 0")
+    return _Chaos(
+        rate=float(rate),
+        seed=seed,
+        kinds=tuple(kinds),
+        hang_s=float(hang_s),
+        rng=random.Random(seed),  # noqa: S311 -- repeatable chaos, not a secret
+    )
 
 
 def _parse_script(doc: dict[str, Any]) -> list[_Scripted]:
@@ -563,6 +748,8 @@ def create_fake_upstream_app(
     app.router.add_delete("/_fake/tasks/{taskId}", fake.delete_task)
     app.router.add_post("/_fake/script/{taskId}", fake.post_script)
     app.router.add_post("/_fake/fail-all", fake.post_fail_all)
+    app.router.add_post("/_fake/chaos", fake.post_chaos)
+    app.router.add_get("/_fake/chaos", fake.get_chaos)
     app.router.add_get("/_fake/stats", fake.get_stats)
     app.router.add_post("/_fake/reset", fake.post_reset)
     return app

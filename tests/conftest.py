@@ -6,12 +6,15 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import ipaddress
+import os
+import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import asyncpg
 import orjson
 import pytest
 from aiohttp import web
@@ -223,3 +226,26 @@ async def make_relay(
 @pytest.fixture
 async def relay(make_relay: RelayFactory) -> Relay:
     return await make_relay()
+
+
+PG_DSN_ENV = "RELAY_TEST_POSTGRES_DSN"
+
+
+@pytest.fixture
+async def pg_schema() -> AsyncIterator[tuple[str, str]]:
+    """A PostgreSQL DSN and a fresh schema name for relay processes; dropped afterwards."""
+    dsn = os.environ.get(PG_DSN_ENV)
+    if not dsn:
+        pytest.skip(f"set {PG_DSN_ENV}=postgresql://postgres@127.0.0.1:5432/test to run this")
+    schema = f"relay_proc_{os.getpid()}_{secrets.token_hex(3)}"
+    yield dsn, schema
+    for _ in range(50):  # the cluster may still be coming back
+        try:
+            conn = await asyncpg.connect(dsn)
+            break
+        except (OSError, asyncpg.PostgresError):
+            await asyncio.sleep(0.2)
+    try:
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    finally:
+        await conn.close()

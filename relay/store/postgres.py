@@ -16,10 +16,9 @@ import re
 import urllib.parse
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
-from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
+from typing import TYPE_CHECKING, TypeAlias, TypeVar
 
 import asyncpg
-import orjson
 
 from relay.models import (
     ACTIVE_STATES,
@@ -35,6 +34,7 @@ from relay.models import (
     WatchState,
 )
 from relay.store.base import StoreConflict, StoreUnavailable
+from relay.store.rows import dumps_or_none, loads_or_none, watch_from_row
 
 if TYPE_CHECKING:
     from asyncpg.pool import PoolConnectionProxy
@@ -60,6 +60,9 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
     asyncpg.OperatorInterventionError,  # admin shutdown, crash recovery, statement timeout
     asyncpg.InsufficientResourcesError,  # disk full, out of memory, too many connections
     asyncpg.ReadOnlySQLTransactionError,  # connected to a standby after a failover
+    # A server shutting down mid-query leaves the protocol half-way ("cannot switch to state ...;
+    # another operation is in progress"); the pool terminates that connection on release.
+    asyncpg.InternalClientError,
 )
 
 # Opening also fails on a bad password or an unknown database: the relay cannot start on this store.
@@ -174,32 +177,6 @@ _NEW_STATE = {
 }
 
 
-def _watch_from_row(row: asyncpg.Record) -> Watch:
-    return Watch(
-        watch_id=row[0],
-        task_id=row[1],
-        callback_url=row[2],
-        metadata=_loads_or_none(row[3]),
-        state=WatchState(row[4]),
-        created_at=row[5],
-        updated_at=row[6],
-        deadline_at=row[7],
-        task_status=row[8],
-        polls=row[9],
-        next_poll_at=row[10],
-        delivery_attempts=row[11],
-        last_error=row[12],
-    )
-
-
-def _dumps_or_none(value: Any) -> str | None:
-    return None if value is None else orjson.dumps(value).decode()
-
-
-def _loads_or_none(value: str | None) -> Any:
-    return None if value is None else orjson.loads(value)
-
-
 def _row_count(status: str) -> int:
     """`UPDATE 3` -> 3."""
     return int(status.rsplit(" ", 1)[-1])
@@ -212,7 +189,7 @@ async def _lock_tasks(conn: Conn, task_ids: Sequence[str]) -> None:
 
 async def _get(conn: Conn, watch_id: str) -> Watch | None:
     row = await conn.fetchrow(f"{_SELECT_WATCH} WHERE w.watch_id = $1", watch_id)
-    return None if row is None else _watch_from_row(row)
+    return None if row is None else watch_from_row(row)
 
 
 class PostgresStore:
@@ -365,7 +342,7 @@ class PostgresStore:
                     watch_id,
                     new.task_id,
                     new.callback_url,
-                    _dumps_or_none(new.metadata),
+                    dumps_or_none(new.metadata),
                     now,
                     deadline_at,
                 )
@@ -409,7 +386,7 @@ class PostgresStore:
         sql = f"{_SELECT_WATCH} {where} ORDER BY w.watch_id LIMIT ${len(params) + 1}"
 
         async def run(conn: Conn) -> list[Watch]:
-            return [_watch_from_row(r) for r in await conn.fetch(sql, *params, limit)]
+            return [watch_from_row(r) for r in await conn.fetch(sql, *params, limit)]
 
         return await self._run(run)
 
@@ -532,7 +509,7 @@ class PostgresStore:
                     f.task_id,
                     f.event_type.value,
                     now,
-                    _dumps_or_none(f.task_data),
+                    dumps_or_none(f.task_data),
                     f.status,
                 )
                 moved += _row_count(status)
@@ -582,9 +559,9 @@ class PostgresStore:
                     watch_id=r[0],
                     task_id=r[1],
                     callback_url=r[2],
-                    metadata=_loads_or_none(r[3]),
+                    metadata=loads_or_none(r[3]),
                     event_type=EventType(r[4]),
-                    task_data=_loads_or_none(r[5]),
+                    task_data=loads_or_none(r[5]),
                     event_at=r[6],
                     attempts=r[7],
                     due_at=r[8],

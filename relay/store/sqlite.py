@@ -13,9 +13,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
-
-import orjson
+from typing import TypeVar
 
 from relay.models import (
     ACTIVE_STATES,
@@ -31,6 +29,7 @@ from relay.models import (
     WatchState,
 )
 from relay.store.base import StoreConflict, StoreUnavailable
+from relay.store.rows import dumps_or_none, loads_or_none, watch_from_row
 
 T = TypeVar("T")
 
@@ -85,28 +84,6 @@ _SELECT_WATCH = f"""
     SELECT {_WATCH_COLUMNS} FROM watches w
     LEFT JOIN tasks t ON t.task_id = w.task_id AND w.state = 'watching'
 """
-
-
-def _watch_from_row(row: Sequence[Any]) -> Watch:
-    return Watch(
-        watch_id=row[0],
-        task_id=row[1],
-        callback_url=row[2],
-        metadata=orjson.loads(row[3]) if row[3] is not None else None,
-        state=WatchState(row[4]),
-        created_at=row[5],
-        updated_at=row[6],
-        deadline_at=row[7],
-        task_status=row[8],
-        polls=row[9],
-        next_poll_at=row[10],
-        delivery_attempts=row[11],
-        last_error=row[12],
-    )
-
-
-def _dumps_or_none(value: Any) -> str | None:
-    return None if value is None else orjson.dumps(value).decode()
 
 
 class SQLiteStore:
@@ -216,7 +193,7 @@ class SQLiteStore:
                     watch_id,
                     new.task_id,
                     new.callback_url,
-                    _dumps_or_none(new.metadata),
+                    dumps_or_none(new.metadata),
                     now,
                     now,
                     deadline_at,
@@ -241,7 +218,7 @@ class SQLiteStore:
     @staticmethod
     def _get(conn: sqlite3.Connection, watch_id: str) -> Watch | None:
         row = conn.execute(f"{_SELECT_WATCH} WHERE w.watch_id = ?", (watch_id,)).fetchone()
-        return None if row is None else _watch_from_row(row)
+        return None if row is None else watch_from_row(row)
 
     async def get_watch(self, watch_id: str) -> Watch | None:
         return await self._run(lambda conn: self._get(conn, watch_id))
@@ -263,7 +240,7 @@ class SQLiteStore:
         sql = f"{_SELECT_WATCH} {where} ORDER BY w.watch_id LIMIT ?"
 
         def run(conn: sqlite3.Connection) -> list[Watch]:
-            return [_watch_from_row(r) for r in conn.execute(sql, (*params, limit))]
+            return [watch_from_row(r) for r in conn.execute(sql, (*params, limit))]
 
         return await self._run(run)
 
@@ -390,7 +367,7 @@ class SQLiteStore:
                     (
                         f.event_type.value,
                         now,
-                        _dumps_or_none(f.task_data),
+                        dumps_or_none(f.task_data),
                         now,
                         f.status,
                         f.task_id,
@@ -447,9 +424,9 @@ class SQLiteStore:
                     watch_id=r[0],
                     task_id=r[1],
                     callback_url=r[2],
-                    metadata=orjson.loads(r[3]) if r[3] is not None else None,
+                    metadata=loads_or_none(r[3]),
                     event_type=EventType(r[4]),
-                    task_data=orjson.loads(r[5]) if r[5] is not None else None,
+                    task_data=loads_or_none(r[5]),
                     event_at=r[6],
                     attempts=r[7],
                     due_at=r[8],

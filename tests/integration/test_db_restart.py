@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-import secrets
 import shutil
 from collections import Counter
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -21,7 +19,6 @@ from tests.processes import RelayProcess, settle
 
 pytestmark = pytest.mark.slow
 
-PG_DSN_ENV = "RELAY_TEST_POSTGRES_DSN"
 REGISTRATIONS = 400
 CONCURRENCY = 10
 
@@ -46,25 +43,6 @@ async def restart_postgres(dsn: str) -> str:
     finally:
         await conn.close()
     return "terminate"
-
-
-@pytest.fixture
-async def pg_schema() -> AsyncIterator[tuple[str, str]]:
-    dsn = os.environ.get(PG_DSN_ENV)
-    if not dsn:
-        pytest.skip(f"set {PG_DSN_ENV}=postgresql://postgres@127.0.0.1:5432/test to run this")
-    schema = f"relay_restart_{os.getpid()}_{secrets.token_hex(3)}"
-    yield dsn, schema
-    for _ in range(50):  # the cluster may still be coming back
-        try:
-            conn = await asyncpg.connect(dsn)
-            break
-        except (OSError, asyncpg.PostgresError):
-            await asyncio.sleep(0.2)
-    try:
-        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-    finally:
-        await conn.close()
 
 
 async def test_database_restart_loses_no_acknowledged_registration(

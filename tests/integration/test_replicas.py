@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import secrets
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
-import asyncpg
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
@@ -23,7 +19,6 @@ from tests.processes import RelayProcess, settle
 
 pytestmark = pytest.mark.slow
 
-PG_DSN_ENV = "RELAY_TEST_POSTGRES_DSN"
 TASKS = 1000
 WATCHES_PER_TASK = 2  # coalescing must hold across replicas too
 WATCHES = TASKS * WATCHES_PER_TASK
@@ -51,20 +46,6 @@ class Receiver:
         self.arrived.clear()
         if len(self.by_id) < count:
             await asyncio.wait_for(self.arrived.wait(), timeout)
-
-
-@pytest.fixture
-async def pg_schema() -> AsyncIterator[tuple[str, str]]:
-    dsn = os.environ.get(PG_DSN_ENV)
-    if not dsn:
-        pytest.skip(f"set {PG_DSN_ENV}=postgresql://postgres@127.0.0.1:5432/test to run this")
-    schema = f"relay_replicas_{os.getpid()}_{secrets.token_hex(3)}"
-    yield dsn, schema
-    conn = await asyncpg.connect(dsn)
-    try:
-        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-    finally:
-        await conn.close()
 
 
 async def test_three_replicas_one_killed_deliver_every_watch_without_overlapping_polls(

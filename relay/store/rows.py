@@ -1,0 +1,46 @@
+"""Row <-> record conversions both stores share (their SELECTs list the same columns in order)."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import orjson
+
+from relay.models import Watch, WatchState
+
+# JSON is stored as the text of orjson's bytes: it keeps key order and every byte, so a callback
+# carries the upstream data verbatim (PostgreSQL's jsonb would reorder keys).
+
+
+def dumps_or_none(value: Any) -> str | None:
+    return None if value is None else orjson.dumps(value).decode()
+
+
+def loads_or_none(value: str | None) -> Any:
+    return None if value is None else orjson.loads(value)
+
+
+class Row(Protocol):
+    """A result row: an sqlite3 tuple or an asyncpg Record."""
+
+    def __getitem__(self, index: int, /) -> Any: ...
+
+
+def watch_from_row(row: Row) -> Watch:
+    """A Watch from the stores' watch SELECT: id, task, url, metadata, state, created, updated,
+    deadline, task status, polls, next poll, delivery attempts, last error."""
+    return Watch(
+        watch_id=row[0],
+        task_id=row[1],
+        callback_url=row[2],
+        metadata=loads_or_none(row[3]),
+        state=WatchState(row[4]),
+        created_at=row[5],
+        updated_at=row[6],
+        deadline_at=row[7],
+        task_status=row[8],
+        polls=row[9],
+        next_poll_at=row[10],
+        delivery_attempts=row[11],
+        last_error=row[12],
+    )
