@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PY := $(BIN)/python
 
-.PHONY: install demo run test test-fast lint format bench clean
+.PHONY: install demo run test test-fast lint format bench bench-quick clean
 
 install: $(VENV)/.installed
 
@@ -28,16 +28,19 @@ test-fast: install
 	$(PY) -m pytest -q -m "not slow"
 
 lint: install
-	$(BIN)/ruff check relay tests
-	$(BIN)/ruff format --check relay tests
+	$(BIN)/ruff check relay tests bench
+	$(BIN)/ruff format --check relay tests bench
 	$(BIN)/mypy
 
 format: install
-	$(BIN)/ruff check --fix relay tests
-	$(BIN)/ruff format relay tests
+	$(BIN)/ruff check --fix relay tests bench
+	$(BIN)/ruff format relay tests bench
 
 bench: install
 	$(PY) -m bench
+
+bench-quick: install
+	$(PY) -m bench --quick
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

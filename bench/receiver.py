@@ -1,0 +1,73 @@
+"""The callback receiver, run as its own process: answers 204 and records when each task arrived.
+
+    python -m bench.receiver --port P
+
+`POST /hook` records the wall-clock arrival time (the same clock the fake upstream stamps its
+flips with: one machine) of the first callback for each `data.taskId`.
+`GET /_recv/stats` answers `{"count": n, "duplicates": n, "arrivals": {taskId: epoch seconds}}`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+import time
+
+import orjson
+from aiohttp import web
+
+
+class Receiver:
+    def __init__(self) -> None:
+        self.arrivals: dict[str, float] = {}
+        self.count = 0
+        self.duplicates = 0
+
+    async def hook(self, request: web.Request) -> web.Response:
+        arrived = time.time()
+        body = await request.read()
+        self.count += 1
+        try:
+            task_id = orjson.loads(body)["data"]["taskId"]
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            return web.Response(status=400)
+        if task_id in self.arrivals:
+            self.duplicates += 1
+        else:
+            self.arrivals[task_id] = arrived
+        return web.Response(status=204)
+
+    async def stats(self, request: web.Request) -> web.Response:
+        doc = {"count": self.count, "duplicates": self.duplicates, "arrivals": self.arrivals}
+        return web.Response(body=orjson.dumps(doc), content_type="application/json")
+
+
+async def serve(port: int) -> None:
+    receiver = Receiver()
+    app = web.Application()
+    app.router.add_post("/hook", receiver.hook)
+    app.router.add_get("/_recv/stats", receiver.stats)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+    await runner.setup()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="bench.receiver")
+    parser.add_argument("--port", type=int, required=True)
+    asyncio.run(serve(parser.parse_args().port))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

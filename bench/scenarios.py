@@ -1,0 +1,585 @@
+"""The five measurements. Each starts what it needs as child processes and stops them on the way
+out; each returns a JSON-ready dict of figures and the settings they were measured under."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import secrets
+import sqlite3
+import time
+from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+
+from bench import seed
+from bench.procs import (
+    Child,
+    CpuMeter,
+    Profile,
+    busy_cores,
+    free_port,
+    launch,
+    run_to_end,
+)
+from bench.stats import (
+    Samples,
+    delta,
+    histogram_delta,
+    histogram_quantile,
+    latency_summary,
+    parse_samples,
+    profile_summary,
+    share_at_most,
+    total,
+)
+from relay.config import Settings
+from relay.signing import generate_secret
+
+API_KEY = "bench-key"
+CALLBACK_NETS = "127.0.0.0/8"
+UNUSED_CALLBACK = "http://127.0.0.1:9/hook"  # never called: those tasks never end
+LIFTED_RPS = "1000000"
+FAKE_QUEUED_S = "100000"  # tasks never end on their own (x10 for `-slow-` ids)
+LOAD_SLACK_S = 30.0
+PROFILE_SLACK_S = 15.0
+QUIET_CORES = 0.25  # machine-wide busy cores below which the box counts as quiet
+QUIET_PROBE_S = 3.0
+QUIET_PAUSE_S = 3.0
+QUIET_GLANCE_S = 0.5  # when no waiting is allowed (--quick): only record how busy it was  # a load client gets its duration plus this before it is killed
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Plan:
+    """How long and how big each measurement is; QUICK must finish in under a minute."""
+
+    concurrency: int = 64
+    ceiling_s: float = 10.0
+    ceiling_warmup_s: float = 1.0
+    registration_s: float = 10.0
+    registration_warmup_s: float = 1.0
+    polls_watches: int = 2000
+    polls_interval_s: float = 0.01
+    polls_warmup_s: float = 5.0
+    polls_window_s: float = 20.0
+    notify_watches: int = 500
+    notify_rate: float = 50.0
+    notify_interval_s: float = 1.0
+    scale_sizes: tuple[int, ...] = (10_000, 100_000, 1_000_000)
+    scale_base_interval_s: float = 60.0  # RELAY_POLL_MAX_S's default
+    scale_demand_cap: float = 100_000 / 60.0  # polls/s; larger sizes get a longer interval
+    scale_warmup_s: float = 10.0
+    scale_window_s: float = 30.0
+    baseline_settle_s: float = 5.0
+
+    def scale_interval(self, watches: int) -> float:
+        """The default 60 s interval, lengthened where it would demand more than 100k/60 s."""
+        return max(self.scale_base_interval_s, watches / self.scale_demand_cap)
+
+
+FULL = Plan()
+QUICK = Plan(
+    ceiling_s=2.5,
+    ceiling_warmup_s=0.5,
+    registration_s=2.5,
+    registration_warmup_s=0.5,
+    polls_watches=300,
+    polls_warmup_s=1.0,
+    polls_window_s=3.0,
+    notify_watches=60,
+    notify_interval_s=0.5,
+    scale_sizes=(10_000,),
+    scale_warmup_s=1.5,
+    scale_window_s=3.0,
+    baseline_settle_s=1.0,
+)
+
+
+@dataclass
+class Bench:
+    """What every scenario shares: the plan, a scratch directory, an HTTP session, the fake
+    upstream (started once, on first use, and kept for the run) and the ceiling once known."""
+
+    plan: Plan
+    workdir: Path
+    session: aiohttp.ClientSession
+    stack: AsyncExitStack
+    tag: str = ""
+    upstream: Child | None = None
+    ceiling_rps: float | None = None
+    profile_dir: Path | None = None
+    quiet_wait_s: float = 0.0  # per wait
+    quiet_budget_s: float = 0.0  # all waits of the run together
+    progress: Callable[[str], None] = print
+
+    async def wait_quiet(self) -> dict[str, float]:
+        """Wait (bounded) until other work leaves the cores alone; report what was seen."""
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        allowed = min(self.quiet_wait_s, self.quiet_budget_s)
+        deadline = began + allowed
+        busy = await busy_cores(QUIET_PROBE_S if allowed > 0 else QUIET_GLANCE_S)
+        while busy >= QUIET_CORES and loop.time() < deadline:
+            self.progress(f"other work is using {busy:.2f} cores; waiting for quiet")
+            await asyncio.sleep(QUIET_PAUSE_S)
+            busy = await busy_cores(QUIET_PROBE_S)
+        waited = loop.time() - began
+        self.quiet_budget_s = max(0.0, self.quiet_budget_s - waited)
+        return {"busy_cores": busy, "waited_s": waited}
+
+    def __post_init__(self) -> None:
+        self.tag = self.tag or secrets.token_hex(3)
+
+    async def fake_upstream(self) -> Child:
+        if self.upstream is None:
+            port = free_port()
+            child = Child(
+                "fake-upstream",
+                ["-m", "relay", "fake-upstream", "--port", str(port), "--api-key", API_KEY,
+                 "--queued-s", FAKE_QUEUED_S],
+                self.workdir / "fake-upstream.log",
+                port=port,
+            )  # fmt: skip
+            await launch(self.stack, self.session, child, ready_path="/_fake/stats")
+            self.upstream = child
+        return self.upstream
+
+    async def profile(self, child: Child, name: str, seconds: float) -> Profile | None:
+        """With --profile: start a py-spy recording of `child` for about `seconds`."""
+        if self.profile_dir is None:
+            return None
+        self.profile_dir.mkdir(parents=True, exist_ok=True)
+        profile = Profile(child.pid, seconds, self.profile_dir / f"{name}.txt")
+        await profile.start()
+        self.stack.push_async_callback(profile.stop)
+        return profile
+
+    async def profile_result(self, profile: Profile | None) -> dict[str, Any] | None:
+        if profile is None:
+            return None
+        await profile.wait(PROFILE_SLACK_S)
+        if not profile.out.exists():
+            return {"error": "py-spy wrote nothing (is it installed? ptrace allowed?)"}
+        summary = profile_summary(profile.out.read_text(errors="replace"))
+        return {"file": str(profile.out), **summary}
+
+    async def relay(
+        self, stack: AsyncExitStack, name: str, settings: dict[str, str]
+    ) -> tuple[Child, float]:
+        """A `relay serve` process on a fresh SQLite file unless `settings` names one."""
+        upstream = await self.fake_upstream()
+        port = free_port()
+        env = {
+            "RELAY_HOST": "127.0.0.1",
+            "RELAY_PORT": str(port),
+            "RELAY_STORE_URL": f"sqlite:///{self.workdir / f'{name}.db'}",
+            "RELAY_UPSTREAM_URL": upstream.url,
+            "RELAY_UPSTREAM_API_KEY": API_KEY,
+            "RELAY_CALLBACK_ALLOW_NETS": CALLBACK_NETS,
+            "RELAY_SHUTDOWN_TIMEOUT_S": "2",
+            **settings,
+        }
+        child = Child(name, ["-m", "relay", "serve"], self.workdir / f"{name}.log", env, port)
+        ready_s = await launch(stack, self.session, child, ready_path="/readyz")
+        return child, ready_s
+
+    async def load(self, name: str, mode: str, url: str, *extra: str, duration: float) -> Any:
+        """Run `python -m bench.load` to its end and return its JSON result."""
+        child = Child(
+            name,
+            ["-m", "bench.load", mode, "--url", url, "--duration", str(duration),
+             "--concurrency", str(self.plan.concurrency), *extra],
+            self.workdir / f"{name}.log",
+        )  # fmt: skip
+        return orjson.loads(await run_to_end(child, duration + LOAD_SLACK_S))
+
+    async def register(self, relay: Child, name: str, ids: str, count: int, callback: str) -> Any:
+        result = await self.load(
+            name, "watch", f"{relay.url}/watch", "--ids", ids, "--count", str(count),
+            "--callback", callback, duration=120.0,
+        )  # fmt: skip
+        if result["ok_total"] != count:
+            raise RuntimeError(f"{name}: {result['ok_total']} of {count} watches registered")
+        return result
+
+    async def scrape(self, relay: Child) -> Samples:
+        async with self.session.get(f"{relay.url}/metrics") as response:
+            response.raise_for_status()
+            return parse_samples(await response.text())
+
+    async def get_json(self, url: str) -> Any:
+        async with self.session.get(url) as response:
+            response.raise_for_status()
+            return orjson.loads(await response.read())
+
+
+def file_size(path: Path) -> int:
+    return path.stat().st_size if path.exists() else 0
+
+
+async def sleep_until(deadline: float) -> None:
+    await asyncio.sleep(max(0.0, deadline - time.monotonic()))
+
+
+# --- 1. the ceiling ------------------------------------------------------------------------------
+
+
+async def ceiling(b: Bench) -> dict[str, Any]:
+    """A bare aiohttp client (its own process) against the fake upstream: the most GETs/s here."""
+    plan = b.plan
+    upstream = await b.fake_upstream()
+    meter = CpuMeter({"upstream": upstream})
+    result = await b.load(
+        "ceiling-client", "get", f"{upstream.url}/v1/tasks/",
+        "--ids", f"tk-hiapi-slow-poll-{b.tag}-", "--id-count", str(plan.polls_watches),
+        "--warmup", str(plan.ceiling_warmup_s), "--header", f"Authorization: Bearer {API_KEY}",
+        duration=plan.ceiling_s,
+    )  # fmt: skip
+    cpu = meter.stop(client=result["client_process_cpu_s"])
+    upstream_cpu = cpu["upstream_cores"] * cpu["seconds"]
+    b.ceiling_rps = result["rate_per_s"]
+    errors = result["sent_total"] - result["ok_total"]
+    return {
+        "requests_per_s": result["rate_per_s"],
+        "latency_ms": result["latency_ms"],
+        "errors": errors,
+        "client_cpu_s_per_1k": 1000 * result["client_cpu_s"] / max(1, result["sent_total"]),
+        "upstream_cpu_s_per_1k": 1000 * upstream_cpu / max(1, result["sent_total"]),
+        "cpu": cpu,
+        "config": {
+            "concurrency": plan.concurrency,
+            "duration_s": plan.ceiling_s,
+            "warmup_s": plan.ceiling_warmup_s,
+            "task_ids": plan.polls_watches,
+            "client": "aiohttp ClientSession, keep-alive, own process, asyncio loop",
+        },
+    }
+
+
+# --- 2. registration throughput ------------------------------------------------------------------
+
+
+async def registration(b: Bench) -> dict[str, Any]:
+    """64 concurrent POST /watch (never-ending tasks, polling pushed an hour out) for N seconds."""
+    plan = b.plan
+    settings = {"RELAY_POLL_INITIAL_S": "3600", "RELAY_POLL_MAX_S": "3600"}
+    async with AsyncExitStack() as stack:
+        relay, _ = await b.relay(stack, "registration", settings)
+        meter = CpuMeter({"relay": relay, "upstream": await b.fake_upstream()})
+        profile = await b.profile(relay, "registration", plan.registration_s)
+        result = await b.load(
+            "registration-client", "watch", f"{relay.url}/watch",
+            "--ids", f"tk-hiapi-slow-reg-{b.tag}-", "--callback", UNUSED_CALLBACK,
+            "--warmup", str(plan.registration_warmup_s), duration=plan.registration_s,
+        )  # fmt: skip
+        cpu = meter.stop(client=result["client_process_cpu_s"])
+        profiled = await b.profile_result(profile)
+        after = await b.scrape(relay)
+    relay_cpu = cpu["relay_cores"] * cpu["seconds"]
+    # Durability check: every 201 is a row in the file after the relay stopped.
+    rows = await asyncio.to_thread(_count_rows, b.workdir / "registration.db")
+    return {
+        "watches_per_s": result["rate_per_s"],
+        "latency_ms": result["latency_ms"],
+        "created_201": result["statuses"].get("201", 0),
+        "rows_in_store": rows,
+        "errors": result["sent_total"] - result["ok_total"],
+        "statuses": result["statuses"],
+        "relay_cpu_s_per_1k": 1000 * relay_cpu / max(1, result["sent_total"]),
+        "polls_meanwhile": total(after, "relay_upstream_polls_total"),
+        "cpu": cpu,
+        "profile": profiled,
+        "config": {
+            "concurrency": plan.concurrency,
+            "duration_s": plan.registration_s,
+            "warmup_s": plan.registration_warmup_s,
+            "relay": settings | {"RELAY_UPSTREAM_RPS": "50 (default)"},
+            "note": "each new task's first poll is due at once; the default 50/s budget caps them",
+        },
+    }
+
+
+def _count_rows(path: Path) -> int:
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return int(conn.execute("SELECT COUNT(*) FROM watches").fetchone()[0])
+    finally:
+        conn.close()
+
+
+# --- 3. sustained polls ---------------------------------------------------------------------------
+
+
+async def polls(b: Bench) -> dict[str, Any]:
+    """Every stream always due, the budget lifted: how many polls a second the relay makes."""
+    plan = b.plan
+    interval = str(plan.polls_interval_s)
+    settings = {
+        "RELAY_UPSTREAM_RPS": LIFTED_RPS,
+        "RELAY_UPSTREAM_CONCURRENCY": str(plan.concurrency),
+        "RELAY_POLL_INITIAL_S": interval,
+        "RELAY_POLL_MAX_S": interval,
+        "RELAY_POLL_FACTOR": "1",
+    }
+    upstream = await b.fake_upstream()
+    async with AsyncExitStack() as stack:
+        relay, _ = await b.relay(stack, "polls", settings)
+        await b.register(
+            relay, "polls-register", f"tk-hiapi-slow-poll-{b.tag}-", plan.polls_watches,
+            UNUSED_CALLBACK,
+        )  # fmt: skip
+        await asyncio.sleep(plan.polls_warmup_s)
+        window = await _window(b, relay, upstream, plan.polls_window_s, "polls")
+    before, after, seconds = window["before"], window["after"], window["seconds"]
+    polled = delta(before, after, "relay_upstream_polls_total")
+    ok = delta(before, after, "relay_upstream_polls_total", outcome="ok")
+    rate = polled / seconds
+    duration_sum = delta(before, after, "relay_upstream_poll_duration_seconds_sum")
+    lag = histogram_delta(before, after, "relay_scheduler_lag_seconds", loop="poll")
+    return {
+        "polls_per_s": rate,
+        "ok_share": ok / polled if polled else math.nan,
+        "relay_cpu_s_per_1k_polls": (
+            1000 * window["cpu"]["relay_cores"] * seconds / polled if polled else math.nan
+        ),
+        "cpu": window["cpu"],
+        "profile": window["profile"],
+        "ratio_to_ceiling": rate / b.ceiling_rps if b.ceiling_rps else None,
+        "ceiling_per_s": b.ceiling_rps,
+        "poll_duration_mean_ms": 1000 * duration_sum / polled if polled else math.nan,
+        "scheduler_lag_p99_s": histogram_quantile(0.99, lag),
+        "config": {
+            "watches": plan.polls_watches,
+            "warmup_s": plan.polls_warmup_s,
+            "window_s": plan.polls_window_s,
+            "relay": settings,
+        },
+    }
+
+
+async def _window(
+    b: Bench, relay: Child, upstream: Child, seconds: float, name: str
+) -> dict[str, Any]:
+    """Scrape, let `seconds` pass, scrape again; the CPU every process used meanwhile."""
+    before = await b.scrape(relay)
+    profile = await b.profile(relay, name, seconds)
+    meter = CpuMeter({"relay": relay, "upstream": upstream})
+    await asyncio.sleep(seconds)
+    cpu = meter.stop()
+    after = await b.scrape(relay)
+    return {
+        "before": before,
+        "after": after,
+        "seconds": cpu["seconds"],
+        "cpu": cpu,
+        "profile": await b.profile_result(profile),
+    }
+
+
+# --- 4. notification latency ----------------------------------------------------------------------
+
+
+async def notify(b: Bench) -> dict[str, Any]:
+    """Tasks pinned to handling, flipped to success at a steady rate: flip -> receiver's arrival."""
+    plan = b.plan
+    interval = str(plan.notify_interval_s)
+    settings = {
+        "RELAY_UPSTREAM_RPS": LIFTED_RPS,
+        "RELAY_UPSTREAM_CONCURRENCY": str(plan.concurrency),
+        "RELAY_POLL_INITIAL_S": interval,
+        "RELAY_POLL_MAX_S": interval,
+        "RELAY_POLL_FACTOR": "1",
+        "RELAY_SIGNING_SECRET": generate_secret(),
+    }
+    upstream = await b.fake_upstream()
+    prefix = f"tk-hiapi-slow-notify-{b.tag}-"
+    ids = [f"{prefix}{i}" for i in range(plan.notify_watches)]
+    control = f"{upstream.url}/_fake/tasks"
+    async with AsyncExitStack() as stack:
+        port = free_port()
+        receiver = Child(
+            "receiver", ["-m", "bench.receiver", "--port", str(port)],
+            b.workdir / "receiver.log", port=port,
+        )  # fmt: skip
+        await launch(stack, b.session, receiver, ready_path="/_recv/stats")
+        await _bounded(16, [_pin(b, f"{control}/{t}", "handling") for t in ids])
+        relay, _ = await b.relay(stack, "notify", settings)
+        await b.register(relay, "notify-register", prefix, len(ids), f"{receiver.url}/hook")
+        # Two intervals: every stream has had its first poll and runs at its steady pace.
+        await asyncio.sleep(2 * plan.notify_interval_s)
+        before = await b.scrape(relay)
+        meter = CpuMeter({"relay": relay, "upstream": upstream, "receiver": receiver})
+        profile = await b.profile(relay, "notify", len(ids) / plan.notify_rate)
+        start = time.monotonic()
+        for n, task in enumerate(ids):
+            await sleep_until(start + n / plan.notify_rate)
+            await _pin(b, f"{control}/{task}", "success")
+        flipping_s = time.monotonic() - start
+        deadline = time.monotonic() + 3 * plan.notify_interval_s + 10
+        stats = await b.get_json(f"{receiver.url}/_recv/stats")
+        while len(stats["arrivals"]) < len(ids) and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+            stats = await b.get_json(f"{receiver.url}/_recv/stats")
+        cpu = meter.stop()
+        profiled = await b.profile_result(profile)
+        after = await b.scrape(relay)
+    flips = (await b.get_json(f"{upstream.url}/_fake/stats"))["flips"]
+    latencies = [stats["arrivals"][t] - flips[t] for t in ids if t in stats["arrivals"]]
+    summary = latency_summary(latencies)
+    delivered = delta(before, after, "relay_terminal_to_delivered_seconds_count")
+    delivery_sum = delta(before, after, "relay_terminal_to_delivered_seconds_sum")
+    jitter = Settings().poll_jitter  # RELAY_POLL_JITTER is left at its default
+    return {
+        "latency_ms": summary,
+        "received": len(latencies),
+        "expected": len(ids),
+        "duplicates": stats["duplicates"],
+        "poll_interval_s": plan.notify_interval_s,
+        "poll_interval_max_with_jitter_s": plan.notify_interval_s * (1 + jitter),
+        "seen_to_delivered_mean_ms": 1000 * delivery_sum / delivered if delivered else math.nan,
+        "flip_rate_per_s": len(ids) / flipping_s if flipping_s else math.nan,
+        "cpu": cpu,
+        "profile": profiled,
+        "config": {
+            "watches": len(ids),
+            "flip_rate_per_s": plan.notify_rate,
+            "relay": settings | {"RELAY_SIGNING_SECRET": "(generated)",
+                                 "RELAY_POLL_JITTER": f"{jitter:g} (default)"},
+        },
+    }  # fmt: skip
+
+
+async def _pin(b: Bench, url: str, status: str) -> None:
+    async with b.session.put(url, json={"status": status}) as response:
+        response.raise_for_status()
+        await response.read()
+
+
+async def _bounded(limit: int, coros: list[Awaitable[None]]) -> None:
+    semaphore = asyncio.Semaphore(limit)
+
+    async def one(coro: Awaitable[None]) -> None:
+        async with semaphore:
+            await coro
+
+    await asyncio.gather(*(one(c) for c in coros))
+
+
+# --- 5. scale: scheduler lag and memory per watch ---------------------------------------------------
+
+
+async def scale(b: Bench) -> dict[str, Any]:
+    """Seed N active watches straight into SQLite, run the relay over them, read lag and RSS."""
+    plan = b.plan
+    baseline = await _baseline_rss(b)
+    sizes = []
+    for watches in plan.scale_sizes:
+        quiet = await b.wait_quiet()
+        sizes.append(
+            {**await _one_size(b, watches, baseline["rss_bytes"]), "machine_before": quiet}
+        )
+    return {"baseline": baseline, "sizes": sizes}
+
+
+def _scale_settings(plan: Plan, interval_s: float) -> dict[str, str]:
+    return {
+        "RELAY_UPSTREAM_RPS": LIFTED_RPS,
+        "RELAY_UPSTREAM_CONCURRENCY": str(plan.concurrency),
+        "RELAY_POLL_INITIAL_S": str(interval_s),
+        "RELAY_POLL_MAX_S": str(interval_s),
+        "RELAY_POLL_FACTOR": "1",
+    }
+
+
+async def _baseline_rss(b: Bench) -> dict[str, Any]:
+    plan = b.plan
+    path = b.workdir / "scale-0.db"
+    await seed.create_schema(str(path))
+    async with AsyncExitStack() as stack:
+        relay, _ = await b.relay(
+            stack, "scale-0", _scale_settings(plan, plan.scale_base_interval_s)
+        )
+        await asyncio.sleep(plan.baseline_settle_s)
+        await b.scrape(relay)  # the scrape path's own allocations belong to the baseline
+        memory = relay.memory()
+    return {"rss_bytes": memory["VmRSS"], "hwm_bytes": memory["VmHWM"]}
+
+
+async def _one_size(b: Bench, watches: int, baseline_rss: int) -> dict[str, Any]:
+    plan = b.plan
+    name = f"scale-{watches}"
+    path = b.workdir / f"{name}.db"
+    interval = plan.scale_interval(watches)
+    upstream = await b.fake_upstream()
+    await seed.create_schema(str(path))
+    seeded = await asyncio.to_thread(
+        seed.seed,
+        str(path),
+        count=watches,
+        interval_s=interval,
+        task_prefix=f"tk-hiapi-slow-scale{watches}-{b.tag}-",
+        callback_url=UNUSED_CALLBACK,
+        start_in_s=3.0 + 3.0 * watches / 1_000_000,  # the due index rebuild and the relay's start
+    )
+    settings = _scale_settings(plan, interval)
+    async with AsyncExitStack() as stack:
+        relay, ready_s = await b.relay(stack, name, settings)
+        await sleep_until(time.monotonic() + max(0.0, seeded.due_from - time.time()))
+        await asyncio.sleep(plan.scale_warmup_s)
+        window = await _window(b, relay, upstream, plan.scale_window_s, name)
+        memory = relay.memory()
+        # Read before the relay stops: its last connection checkpoints and removes the WAL.
+        db_bytes, wal_bytes = file_size(path), file_size(path.with_name(path.name + "-wal"))
+    before, after, seconds = window["before"], window["after"], window["seconds"]
+    lag = histogram_delta(before, after, "relay_scheduler_lag_seconds", loop="poll")
+    lag_count = lag[-1][1] if lag else 0.0
+    lag_sum = delta(before, after, "relay_scheduler_lag_seconds_sum", loop="poll")
+    polled = delta(before, after, "relay_upstream_polls_total")
+    return {
+        "watches": watches,
+        "interval_s": interval,
+        "demanded_polls_per_s": watches / interval,
+        "polls_per_s": polled / seconds,
+        "scheduler_lag_p50_s": histogram_quantile(0.50, lag),
+        "scheduler_lag_p99_s": histogram_quantile(0.99, lag),
+        "scheduler_lag_mean_s": lag_sum / lag_count if lag_count else math.nan,
+        "scheduler_lag_share_le_100ms": share_at_most(0.1, lag),
+        "rss_bytes": memory["VmRSS"],
+        "hwm_bytes": memory["VmHWM"],
+        "rss_bytes_per_watch": (memory["VmRSS"] - baseline_rss) / watches,
+        "cpu": window["cpu"],
+        "profile": window["profile"],
+        "sqlite_bytes": db_bytes,
+        "sqlite_wal_bytes": wal_bytes,
+        "sqlite_bytes_per_watch": db_bytes / watches,
+        "seed_s": seeded.seconds,
+        "relay_ready_s": ready_s,
+        "config": {
+            "warmup_s": plan.scale_warmup_s,
+            "window_s": plan.scale_window_s,
+            "relay": settings,
+        },
+    }
+
+
+SCENARIOS: dict[str, Callable[[Bench], Awaitable[dict[str, Any]]]] = {
+    "ceiling": ceiling,
+    "registration": registration,
+    "polls": polls,
+    "notify": notify,
+    "scale": scale,
+}
+
+
+def plan_json(plan: Plan) -> dict[str, Any]:
+    return asdict(plan)
+
+
+def cpu_count() -> int:
+    return len(os.sched_getaffinity(0))
