@@ -39,10 +39,16 @@ def free_port() -> int:
 
 
 def child_env(extra: dict[str, str]) -> dict[str, str]:
-    """The harness's environment without any RELAY_* of its own, plus `extra`."""
+    """The harness's environment without any RELAY_* of its own, plus `extra`.
+
+    BENCH_RELAY_<NAME> in the harness's environment passes RELAY_<NAME> to every relay it starts
+    (e.g. BENCH_RELAY_EVENT_LOOP=uvloop), to compare one setting across runs.
+    """
     env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+    passed = {k[len("BENCH_") :]: v for k, v in os.environ.items() if k.startswith("BENCH_RELAY_")}
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra)
+    env.update(passed)
     return env
 
 

@@ -47,6 +47,11 @@ def _serve(settings: Settings) -> int:
     from relay.app import create_app
 
     app = create_app(settings, on_fatal=lambda: signal.raise_signal(signal.SIGTERM))
+    loop_factory = None
+    if settings.event_loop == "uvloop":
+        import uvloop
+
+        loop_factory = uvloop.new_event_loop
     web.run_app(
         app,
         host=settings.host,
@@ -55,6 +60,7 @@ def _serve(settings: Settings) -> int:
         shutdown_timeout=settings.shutdown_timeout_s,
         access_log=None,
         print=None,
+        loop=loop_factory() if loop_factory else None,
     )
     return 0
 
@@ -65,6 +71,7 @@ async def _migrate(settings: Settings) -> int:
     store = await open_store(
         settings.store_url,
         synchronous=settings.sqlite_synchronous,
+        sqlite_busy_timeout_ms=settings.sqlite_busy_timeout_ms,
         postgres_schema=settings.postgres_schema,
     )
     await store.close()

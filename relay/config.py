@@ -91,8 +91,11 @@ class Settings:
     delivery_lease_s: float = 60.0
     shutdown_timeout_s: float = 20.0
     sqlite_synchronous: str = "NORMAL"
+    # How long a write waits for a lock another process holds before the store answers 503.
+    sqlite_busy_timeout_ms: int = 5_000
     postgres_schema: str = "public"
     log_level: str = "INFO"
+    event_loop: str = "uvloop"
 
     @property
     def signing_key_bytes(self) -> tuple[bytes, ...]:
@@ -143,7 +146,9 @@ class Settings:
         take("RELAY_SHUTDOWN_TIMEOUT_S", "shutdown_timeout_s", _non_negative_float)
         take("RELAY_POSTGRES_SCHEMA", "postgres_schema", _identifier)
         take("RELAY_SQLITE_SYNCHRONOUS", "sqlite_synchronous", _one_of("NORMAL", "FULL"))
+        take("RELAY_SQLITE_BUSY_TIMEOUT_MS", "sqlite_busy_timeout_ms", _int_between(0, 600_000))
         take("RELAY_LOG_LEVEL", "log_level", _log_level)
+        take("RELAY_EVENT_LOOP", "event_loop", _event_loop)
 
         key = env.get("RELAY_UPSTREAM_API_KEY")
         key_file = env.get("RELAY_UPSTREAM_API_KEY_FILE")
@@ -266,6 +271,13 @@ def _identifier(raw: str) -> str:
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,62}", raw):
         raise ValueError(f"must be a plain SQL identifier (letters, digits, _), got {raw!r}")
     return raw
+
+
+def _event_loop(raw: str) -> str:
+    value = raw.lower()
+    if value not in ("asyncio", "uvloop"):
+        raise ValueError(f"must be asyncio or uvloop, got {raw!r}")
+    return value
 
 
 def _log_level(raw: str) -> str:

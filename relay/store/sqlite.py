@@ -11,9 +11,10 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from relay.models import (
     ACTIVE_STATES,
@@ -72,7 +73,17 @@ MIGRATIONS: tuple[str, ...] = (
     ) WITHOUT ROWID;
     CREATE INDEX tasks_due ON tasks (next_poll_at);
     """,
+    # One row that /readyz rewrites: ready means a commit goes through now.
+    """
+    CREATE TABLE readiness_probe (
+        id        INTEGER PRIMARY KEY CHECK (id = 1),
+        probed_at REAL NOT NULL
+    );
+    """,
 )
+
+# Queries on watching deadlines name watches_watching_deadline (INDEXED BY): SQLite's planner
+# would otherwise take watches_state and walk every active watch (~1 s at 1M watches).
 
 _WATCH_COLUMNS = """
     w.watch_id, w.task_id, w.callback_url, w.metadata, w.state, w.created_at, w.updated_at,
@@ -87,39 +98,127 @@ _SELECT_WATCH = f"""
 
 
 class SQLiteStore:
-    def __init__(self, path: str, *, synchronous: str = "NORMAL") -> None:
+    def __init__(
+        self, path: str, *, synchronous: str = "NORMAL", busy_timeout_ms: int = 5_000
+    ) -> None:
         self._path = path
         self._synchronous = synchronous
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relay-sqlite")
+        self._busy_timeout_ms = busy_timeout_ms
+        # One writer thread and connection; one reader thread and connection. WAL lets the reader
+        # answer API reads and gauges while a write is committing.
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relay-sqlite-write")
+        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relay-sqlite-read")
         self._conn: sqlite3.Connection | None = None
+        self._read_conn: sqlite3.Connection | None = None
+        # Group commit: writes queue here and the writer thread commits all that waited in one
+        # transaction (each in its own savepoint); every caller resumes only after that COMMIT.
+        self._pending: deque[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = (
+            deque()
+        )
+        self._flush_scheduled = False
 
     # --- plumbing ---------------------------------------------------------------------------------
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `fn` on the writer connection, outside any transaction."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._call, fn)
+        return await loop.run_in_executor(self._writer, self._call, fn)
 
-    def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run a read on the reader connection; it sees every committed write."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._reader, self._call_reader, fn)
+
+    async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `fn` in a write transaction; return once it is committed."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._pending.append((fn, future))
+        # Append, then look at the flag; the flusher clears the flag, then drains: no write can
+        # be left queued with no flush coming.
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            loop.run_in_executor(self._writer, self._flush, loop)
+        return await future
+
+    def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._flush_scheduled = False
+        batch = []
+        while self._pending:
+            batch.append(self._pending.popleft())
+        if not batch:
+            return
+        outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+        try:
+            conn = self._connection()
+            conn.execute("BEGIN IMMEDIATE")
+        except (sqlite3.Error, StoreUnavailable) as exc:
+            failure = _unavailable(exc)
+            outcomes = [(future, None, failure) for _, future in batch]
+        else:
+            for fn, future in batch:
+                outcomes.append((future, *self._in_savepoint(conn, fn)))
+            try:
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                # Disk full or read-only at commit: nothing of the batch was kept.
+                if conn.in_transaction:
+                    conn.rollback()
+                failure = _unavailable(exc)
+                outcomes = [(future, None, failure) for future, _, _ in outcomes]
+        for future, result, error in outcomes:
+            loop.call_soon_threadsafe(_settle, future, result, error)
+
+    @staticmethod
+    def _in_savepoint(
+        conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], Any]
+    ) -> tuple[Any, BaseException | None]:
+        """Run one queued write; its failure undoes only its own changes."""
+        conn.execute("SAVEPOINT write")
+        try:
+            result = fn(conn)
+        except Exception as exc:  # handed to the caller that queued it, never lost here
+            conn.execute("ROLLBACK TO write")
+            conn.execute("RELEASE write")
+            if isinstance(exc, sqlite3.IntegrityError):
+                return None, StoreConflict("the change conflicts with another watch")
+            if isinstance(exc, sqlite3.Error):
+                return None, _unavailable(exc)
+            return None, exc
+        conn.execute("RELEASE write")
+        return result, None
+
+    def _connection(self) -> sqlite3.Connection:
         if self._conn is None:
             try:
                 self._conn = self._connect()
             except sqlite3.Error as exc:
-                raise StoreUnavailable(f"sqlite: {exc}") from exc
+                raise _unavailable(exc) from exc
+        return self._conn
+
+    def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        conn = self._connection()
         try:
-            return fn(self._conn)
-        except sqlite3.IntegrityError as exc:
-            if self._conn.in_transaction:
-                self._conn.rollback()
-            raise StoreConflict("the change conflicts with another watch") from exc
+            return fn(conn)
         except sqlite3.Error as exc:
-            # Disk full, read-only file, locked by another process: the caller answers 503.
-            if self._conn.in_transaction:
-                self._conn.rollback()
-            raise StoreUnavailable(f"sqlite: {exc}") from exc
+            if conn.in_transaction:
+                conn.rollback()
+            raise _unavailable(exc) from exc
+
+    def _call_reader(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        try:
+            if self._read_conn is None:
+                conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+                conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_ms)}")
+                conn.execute("PRAGMA query_only = ON")
+                self._read_conn = conn
+            return fn(self._read_conn)
+        except sqlite3.Error as exc:
+            raise _unavailable(exc) from exc
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
-        conn.execute("PRAGMA busy_timeout = 5000")
+        conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_ms)}")
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute(f"PRAGMA synchronous = {self._synchronous}")
         conn.execute("PRAGMA foreign_keys = ON")
@@ -147,31 +246,39 @@ class SQLiteStore:
             conn.execute("ROLLBACK")
             raise
 
-    @staticmethod
-    def _write(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            result = fn(conn)
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
-        return result
-
     async def open(self) -> None:
         await self._run(lambda conn: None)
 
     async def close(self) -> None:
-        def close(conn: sqlite3.Connection) -> None:
+        def close_writer(conn: sqlite3.Connection) -> None:
             conn.close()
             self._conn = None
 
+        def close_reader() -> None:
+            if self._read_conn is not None:
+                self._read_conn.close()
+                self._read_conn = None
+
         if self._conn is not None:
-            await self._run(close)
-        self._executor.shutdown(wait=True)
+            await self._run(close_writer)
+        await asyncio.get_running_loop().run_in_executor(self._reader, close_reader)
+        self._writer.shutdown(wait=True)
+        self._reader.shutdown(wait=True)
 
     async def ping(self) -> None:
-        await self._run(lambda conn: conn.execute("SELECT 1").fetchone())
+        """Commit a one-row write: a full, read-only or locked file fails it like a registration.
+
+        `SELECT 1` would pass in all three: it never touches the file.
+        """
+
+        def probe(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO readiness_probe (id, probed_at) VALUES (1, ?)"
+                " ON CONFLICT (id) DO UPDATE SET probed_at = excluded.probed_at",
+                (time.time(),),
+            )
+
+        await self._write(probe)
 
     # --- the API's calls --------------------------------------------------------------------------
 
@@ -208,12 +315,12 @@ class SQLiteStore:
             return watch_id, True
 
         def run(conn: sqlite3.Connection) -> tuple[Watch, bool]:
-            found_id, created = self._write(conn, register)
+            found_id, created = register(conn)
             watch = self._get(conn, found_id)
             assert watch is not None
             return watch, created
 
-        return await self._run(run)
+        return await self._write(run)
 
     @staticmethod
     def _get(conn: sqlite3.Connection, watch_id: str) -> Watch | None:
@@ -221,7 +328,7 @@ class SQLiteStore:
         return None if row is None else watch_from_row(row)
 
     async def get_watch(self, watch_id: str) -> Watch | None:
-        return await self._run(lambda conn: self._get(conn, watch_id))
+        return await self._read(lambda conn: self._get(conn, watch_id))
 
     async def list_watches(
         self, *, state: WatchState | None, task_id: str | None, limit: int, after: str | None
@@ -242,7 +349,7 @@ class SQLiteStore:
         def run(conn: sqlite3.Connection) -> list[Watch]:
             return [watch_from_row(r) for r in conn.execute(sql, (*params, limit))]
 
-        return await self._run(run)
+        return await self._read(run)
 
     @staticmethod
     def _drop_unwatched_tasks(conn: sqlite3.Connection, task_ids: Sequence[str]) -> None:
@@ -276,9 +383,9 @@ class SQLiteStore:
             return True
 
         def run(conn: sqlite3.Connection) -> Watch | None:
-            return self._get(conn, watch_id) if self._write(conn, cancel) else None
+            return self._get(conn, watch_id) if cancel(conn) else None
 
-        return await self._run(run)
+        return await self._write(run)
 
     async def redeliver(self, watch_id: str, *, now: float) -> Watch | None:
         def redeliver(conn: sqlite3.Connection) -> bool:
@@ -300,9 +407,9 @@ class SQLiteStore:
             return True
 
         def run(conn: sqlite3.Connection) -> Watch | None:
-            return self._get(conn, watch_id) if self._write(conn, redeliver) else None
+            return self._get(conn, watch_id) if redeliver(conn) else None
 
-        return await self._run(run)
+        return await self._write(run)
 
     # --- the poller's calls -----------------------------------------------------------------------
 
@@ -329,7 +436,7 @@ class SQLiteStore:
                 for r in rows
             ]
 
-        return await self._run(lambda conn: self._write(conn, claim))
+        return await self._write(claim)
 
     async def apply_poll_results(
         self, plans: Sequence[TaskUpdate | TaskFinish], *, now: float
@@ -380,12 +487,13 @@ class SQLiteStore:
                 conn.execute("DELETE FROM tasks WHERE task_id = ?", (f.task_id,))
             return moved
 
-        return await self._run(lambda conn: self._write(conn, apply))
+        return await self._write(apply)
 
     async def expire_watches(self, *, now: float, limit: int) -> int:
         def expire(conn: sqlite3.Connection) -> int:
             rows = conn.execute(
-                "SELECT watch_id, task_id FROM watches WHERE state = 'watching'"
+                "SELECT watch_id, task_id FROM watches INDEXED BY watches_watching_deadline"
+                " WHERE state = 'watching'"
                 " AND deadline_at <= ? ORDER BY deadline_at LIMIT ?",
                 (now, limit),
             ).fetchall()
@@ -400,7 +508,7 @@ class SQLiteStore:
             self._drop_unwatched_tasks(conn, sorted({r[1] for r in rows}))
             return len(rows)
 
-        return await self._run(lambda conn: self._write(conn, expire))
+        return await self._write(expire)
 
     # --- the deliverer's calls --------------------------------------------------------------------
 
@@ -434,7 +542,7 @@ class SQLiteStore:
                 for r in rows
             ]
 
-        return await self._run(lambda conn: self._write(conn, claim))
+        return await self._write(claim)
 
     async def record_deliveries(self, records: Sequence[DeliveryRecord], *, now: float) -> None:
         new_state = {
@@ -461,7 +569,7 @@ class SQLiteStore:
                 ],
             )
 
-        await self._run(lambda conn: self._write(conn, record))
+        await self._write(record)
 
     async def release_tasks(self, task_ids: Sequence[str], *, due_at: float) -> None:
         def release(conn: sqlite3.Connection) -> None:
@@ -471,7 +579,7 @@ class SQLiteStore:
             )
 
         if task_ids:
-            await self._run(lambda conn: self._write(conn, release))
+            await self._write(release)
 
     async def defer_deliveries(self, watch_ids: Sequence[str], *, due_at: float) -> None:
         def defer(conn: sqlite3.Connection) -> None:
@@ -481,7 +589,7 @@ class SQLiteStore:
             )
 
         if watch_ids:
-            await self._run(lambda conn: self._write(conn, defer))
+            await self._write(defer)
 
     # --- schedule and gauges ----------------------------------------------------------------------
 
@@ -489,11 +597,12 @@ class SQLiteStore:
         def run(conn: sqlite3.Connection) -> float | None:
             row = conn.execute(
                 "SELECT MIN(due) FROM (SELECT MIN(next_poll_at) AS due FROM tasks"
-                " UNION ALL SELECT MIN(deadline_at) FROM watches WHERE state = 'watching')"
+                " UNION ALL SELECT MIN(deadline_at) FROM watches INDEXED BY watches_watching_deadline"
+                " WHERE state = 'watching')"
             ).fetchone()
             return None if row is None else row[0]
 
-        return await self._run(run)
+        return await self._read(run)
 
     async def next_delivery_due_at(self) -> float | None:
         def run(conn: sqlite3.Connection) -> float | None:
@@ -502,7 +611,7 @@ class SQLiteStore:
             ).fetchone()
             return None if row is None else row[0]
 
-        return await self._run(run)
+        return await self._read(run)
 
     async def count_by_state(self) -> dict[WatchState, int]:
         def run(conn: sqlite3.Connection) -> dict[WatchState, int]:
@@ -511,7 +620,7 @@ class SQLiteStore:
                 counts[WatchState(state)] = count
             return counts
 
-        return await self._run(run)
+        return await self._read(run)
 
     # --- replicas ---------------------------------------------------------------------------------
 
@@ -523,3 +632,17 @@ class SQLiteStore:
 
     async def listen_registrations(self, wake: Callable[[], None], stopping: asyncio.Event) -> None:
         await stopping.wait()  # every registration comes through this process's own API
+
+
+def _unavailable(exc: BaseException) -> StoreUnavailable:
+    # Disk full, read-only file, locked by another process: the caller answers 503.
+    return exc if isinstance(exc, StoreUnavailable) else StoreUnavailable(f"sqlite: {exc}")
+
+
+def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.done():  # its caller was cancelled; the write itself stands
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
