@@ -270,12 +270,26 @@ def _scale_rows(s: dict[str, Any], add: Add) -> None:
         add("", "relay ready after start", f"{size['relay_ready_s']:.1f} s")
 
 
+def _replicas_rows(r: dict[str, Any], add: Add) -> None:
+    if "skipped" in r:
+        add("replicas", "several relays on PostgreSQL", f"skipped: {r['skipped']}")
+        return
+    for run in r["runs"]:
+        add(f"replicas x{run['replicas']}", "polls/s, all replicas (budget lifted)",
+            f"{run['polls_per_s']:,.0f}/s")  # fmt: skip
+        add("", "cores used: relays / postgres",
+            f"{run['relay_cores']:.2f} / {run['postgres_cores']:.2f}")  # fmt: skip
+        add("", "CPU per 1,000 polls: relays / postgres",
+            f"{run['relay_cpu_s_per_1k_polls']:.3f} s / {run['postgres_cpu_s_per_1k_polls']:.3f} s")  # fmt: skip
+
+
 _ROWS: dict[str, Callable[[dict[str, Any], Add], None]] = {
     "ceiling": _ceiling_rows,
     "registration": _registration_rows,
     "polls": _polls_rows,
     "notify": _notify_rows,
     "scale": _scale_rows,
+    "replicas": _replicas_rows,
 }
 
 

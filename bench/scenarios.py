@@ -77,6 +77,10 @@ class Plan:
     scale_warmup_s: float = 10.0
     scale_window_s: float = 30.0
     baseline_settle_s: float = 5.0
+    replica_counts: tuple[int, ...] = (1, 2, 3)
+    replicas_watches: int = 2000
+    replicas_warmup_s: float = 5.0
+    replicas_window_s: float = 15.0
 
     def scale_interval(self, watches: int) -> float:
         """The default 60 s interval, lengthened where it would demand more than 100k/60 s."""
@@ -98,6 +102,10 @@ QUICK = Plan(
     scale_warmup_s=1.5,
     scale_window_s=3.0,
     baseline_settle_s=1.0,
+    replica_counts=(1, 2),
+    replicas_watches=200,
+    replicas_warmup_s=1.0,
+    replicas_window_s=2.0,
 )
 
 
@@ -568,12 +576,112 @@ async def _one_size(b: Bench, watches: int, baseline_rss: int) -> dict[str, Any]
     }
 
 
+# --- 6. several replicas on one PostgreSQL --------------------------------------------------------
+
+PG_DSN_ENVS = ("BENCH_POSTGRES_DSN", "RELAY_TEST_POSTGRES_DSN")
+
+
+async def replicas(b: Bench) -> dict[str, Any]:
+    """1..N relays on one PostgreSQL schema, every stream always due, the budget lifted: the
+    deployment's polls a second, and the CPU each poll costs the relays and the database."""
+    dsn = next((os.environ[name] for name in PG_DSN_ENVS if os.environ.get(name)), None)
+    if dsn is None:
+        return {"skipped": f"set {PG_DSN_ENVS[0]} (or {PG_DSN_ENVS[1]}) to measure"}
+    plan = b.plan
+    interval = str(plan.polls_interval_s)
+    upstream = await b.fake_upstream()
+    runs = []
+    for count in plan.replica_counts:
+        schema = f"bench_{b.tag}_{count}"
+        settings = {
+            "RELAY_STORE_URL": dsn,
+            "RELAY_POSTGRES_SCHEMA": schema,
+            "RELAY_UPSTREAM_RPS": LIFTED_RPS,
+            "RELAY_UPSTREAM_CONCURRENCY": str(plan.concurrency),
+            "RELAY_POLL_INITIAL_S": interval,
+            "RELAY_POLL_MAX_S": interval,
+            "RELAY_POLL_FACTOR": "1",
+        }
+        try:
+            async with AsyncExitStack() as stack:
+                relays = [
+                    (await b.relay(stack, f"replica-{count}-{n}", settings))[0]
+                    for n in range(count)
+                ]
+                await b.register(
+                    relays[0], f"replicas-{count}-register", f"tk-hiapi-slow-rep-{b.tag}-",
+                    plan.replicas_watches, UNUSED_CALLBACK,
+                )  # fmt: skip
+                await asyncio.sleep(plan.replicas_warmup_s)
+                before = [await b.scrape(r) for r in relays]
+                meter = CpuMeter({**{f"relay{n}": r for n, r in enumerate(relays)},
+                                  "upstream": upstream})  # fmt: skip
+                pg_before = postgres_cpu_seconds()
+                await asyncio.sleep(plan.replicas_window_s)
+                cpu = meter.stop(postgres=postgres_cpu_seconds() - pg_before)
+                after = [await b.scrape(r) for r in relays]
+        finally:
+            await _drop_schema(dsn, schema)
+        seconds = cpu["seconds"]
+        polled = sum(
+            delta(x, y, "relay_upstream_polls_total") for x, y in zip(before, after, strict=True)
+        )
+        relay_cores = sum(cpu[f"relay{n}_cores"] for n in range(count))
+        runs.append(
+            {
+                "replicas": count,
+                "polls_per_s": polled / seconds,
+                "relay_cores": relay_cores,
+                "postgres_cores": cpu["postgres_cores"],
+                "relay_cpu_s_per_1k_polls": 1000 * relay_cores * seconds / polled,
+                "postgres_cpu_s_per_1k_polls": 1000 * cpu["postgres_cores"] * seconds / polled,
+                "cpu": cpu,
+            }
+        )
+    return {
+        "runs": runs,
+        "config": {
+            "watches": plan.replicas_watches,
+            "window_s": plan.replicas_window_s,
+            "relay": {k: v for k, v in settings.items() if k != "RELAY_STORE_URL"},
+        },
+    }
+
+
+def postgres_cpu_seconds() -> float:
+    """User + system CPU of every process named `postgres` on this machine (server and backends)."""
+    total_s = 0.0
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if (proc / "comm").read_text().strip() != "postgres":
+                continue
+            data = (proc / "stat").read_text()
+        except OSError:
+            continue  # it ended meanwhile
+        fields = data[data.rindex(")") + 2 :].split()
+        total_s += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total_s
+
+
+async def _drop_schema(dsn: str, schema: str) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    finally:
+        await conn.close()
+
+
 SCENARIOS: dict[str, Callable[[Bench], Awaitable[dict[str, Any]]]] = {
     "ceiling": ceiling,
     "registration": registration,
     "polls": polls,
     "notify": notify,
     "scale": scale,
+    "replicas": replicas,
 }
 
 

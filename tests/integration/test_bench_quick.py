@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RUN_TIMEOUT_S = 120.0
-SCENARIOS = ["ceiling", "notify", "polls", "registration", "scale"]
+SCENARIOS = ["ceiling", "notify", "polls", "registration", "replicas", "scale"]
 
 
 def _number(value: Any) -> bool:
