@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import re
@@ -38,6 +39,8 @@ from relay.store.base import StoreConflict, StoreUnavailable
 log = logging.getLogger("relay.api")
 
 MAX_BODY_BYTES = 64 * 1024
+# 64 KiB that take longer than this to arrive is a client holding a handler open (slow body).
+BODY_READ_TIMEOUT_S = 10.0
 MAX_METADATA_BYTES = 4 * 1024
 MAX_TASK_ID_LENGTH = 128
 MAX_URL_LENGTH = 2048
@@ -106,9 +109,14 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
     if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
         raise _too_large()
     try:
-        raw = await request.read()
+        async with asyncio.timeout(BODY_READ_TIMEOUT_S):
+            raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise _too_large() from None
+    except TimeoutError:
+        raise Problem(
+            408, f"the body did not arrive within {BODY_READ_TIMEOUT_S:g} s", kind="body-timeout"
+        ) from None
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:

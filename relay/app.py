@@ -44,7 +44,7 @@ from relay.state import (
     STORE,
 )
 from relay.store import Store, StoreUnavailable, open_store
-from relay.upstream import UpstreamClient
+from relay.upstream import UpstreamClient, make_upstream_session
 
 log = logging.getLogger("relay.app")
 
@@ -106,6 +106,7 @@ async def _store_ctx(app: web.Application, *, store: Store | None) -> AsyncItera
         else await open_store(
             settings.store_url,
             synchronous=settings.sqlite_synchronous,
+            sqlite_busy_timeout_ms=settings.sqlite_busy_timeout_ms,
             postgres_schema=settings.postgres_schema,
         )
     )
@@ -127,10 +128,7 @@ async def _loops_ctx(
     metrics = app[METRICS]
     store = app[STORE]
     clock = app[CLOCK]
-    upstream_session = aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=settings.upstream_concurrency),
-        json_serialize=lambda obj: "",  # never used: the relay only GETs upstream
-    )
+    upstream_session = make_upstream_session(concurrency=settings.upstream_concurrency)
     callback_session = aiohttp.ClientSession(
         connector=make_callback_connector(policy, limit=settings.delivery_concurrency)
     )

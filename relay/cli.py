@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import signal
 import sys
@@ -13,6 +14,9 @@ from aiohttp import web
 
 from relay import __version__, logs
 from relay.config import ConfigError, Settings
+from relay.store.base import StoreUnavailable
+
+log = logging.getLogger("relay.cli")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -39,7 +43,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     logs.configure(settings.log_level)
     if args.command == "migrate":
-        return asyncio.run(_migrate(settings))
+        try:
+            return asyncio.run(_migrate(settings))
+        except StoreUnavailable as exc:
+            logs.event(log, "store_unavailable", logging.CRITICAL, detail=str(exc))
+            return 1
     return _serve(settings)
 
 
@@ -52,16 +60,22 @@ def _serve(settings: Settings) -> int:
         import uvloop
 
         loop_factory = uvloop.new_event_loop
-    web.run_app(
-        app,
-        host=settings.host,
-        port=settings.port,
-        # Handlers get this long after SIGTERM; the loops' drain bound is the same setting.
-        shutdown_timeout=settings.shutdown_timeout_s,
-        access_log=None,
-        print=None,
-        loop=loop_factory() if loop_factory else None,
-    )
+    try:
+        web.run_app(
+            app,
+            host=settings.host,
+            port=settings.port,
+            # Handlers get this long after SIGTERM; the loops' drain bound is the same setting.
+            shutdown_timeout=settings.shutdown_timeout_s,
+            access_log=None,
+            print=None,
+            loop=loop_factory() if loop_factory else None,
+        )
+    except StoreUnavailable as exc:
+        # Only start-up lets it out (later, a request answers 503 and the loops retry): one
+        # log line that says why, not a traceback; the orchestrator restarts the relay.
+        logs.event(log, "store_unavailable", logging.CRITICAL, detail=str(exc))
+        return 1
     return 0
 
 

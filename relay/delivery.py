@@ -23,7 +23,7 @@ from relay import __version__, logs, signing
 from relay.metrics import Metrics
 from relay.models import DeliveryJob, DeliveryOutcome, DeliveryResult
 from relay.policy import DeliveryPolicy, classify_delivery, parse_retry_after, plan_after_delivery
-from relay.store.base import Store
+from relay.store.base import Store, StoreUnavailable
 from relay.workloop import WorkLoop
 
 USER_AGENT = f"hiapi-relay/{__version__}"
@@ -164,8 +164,15 @@ class Deliverer(WorkLoop[DeliveryJob]):
         if busy:
             # One slow receiver must not take every slot from the healthy ones: its other
             # callbacks wait, without an attempt counted, until it has a slot free.
-            await self._store.defer_deliveries(busy, due_at=now + HOST_BUSY_DEFER_S)
-            self._metrics.callbacks_deferred.labels("receiver_busy").inc(len(busy))
+            try:
+                await self._store.defer_deliveries(busy, due_at=now + HOST_BUSY_DEFER_S)
+            except StoreUnavailable as exc:
+                # The accepted ones hold receiver slots already and must still run (their
+                # attempts give the slots back); the busy ones fall due when their claim's
+                # lease ends. Raising here would strand both: slots counted, never released.
+                self._store_unavailable(exc)
+            else:
+                self._metrics.callbacks_deferred.labels("receiver_busy").inc(len(busy))
         return accepted
 
     async def _hand_back(self, items: list[DeliveryJob], now: float) -> None:

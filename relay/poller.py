@@ -7,6 +7,7 @@ the loop's concurrency caps requests in flight.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import time
@@ -109,6 +110,18 @@ class Poller(WorkLoop[TaskClaim]):
         due = await self._store.next_poll_due_at()
         return None if due is None else min(due, self._last_expiry + EXPIRY_EVERY_S)
 
+    async def _retry_token(self) -> None:
+        """An immediate retry is a request like any other: it waits for a token of the budget.
+
+        The wait counts against the request's timeout, which bounds it.
+        """
+        while True:
+            now = self._clock()
+            if self._bucket.available(now) >= 1:
+                self._bucket.take(now)
+                return
+            await asyncio.sleep(self._bucket.wait_s(now))
+
     async def _hand_back(self, items: list[TaskClaim], now: float) -> None:
         await self._store.release_tasks([c.task_id for c in items], due_at=now)
 
@@ -117,7 +130,9 @@ class Poller(WorkLoop[TaskClaim]):
         metrics.upstream_in_flight.inc()
         started = time.perf_counter()
         try:
-            result = await self._fetcher.fetch(item.task_id, now=self._clock())
+            result = await self._fetcher.fetch(
+                item.task_id, now=self._clock(), before_retry=self._retry_token
+            )
         finally:
             metrics.upstream_in_flight.dec()
         metrics.poll_duration.labels(result.outcome.value).observe(time.perf_counter() - started)

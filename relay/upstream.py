@@ -1,9 +1,17 @@
-"""The task-API client: one `GET /v1/tasks/{id}` in, one typed PollResult out. Never raises."""
+"""The task-API client: one `GET /v1/tasks/{id}` in, one typed PollResult out. Never raises.
+
+A fetch may put more than one request on the wire: aiohttp silently resends an idempotent
+request once after a dropped connection, and a dropped connection is retried at once, twice.
+Every request after a fetch's first waits for the caller's `before_retry` (the poller's token
+bucket), so an upstream that drops every connection still sees no more than the rate budget.
+"""
 
 from __future__ import annotations
 
 import asyncio
-from typing import Protocol
+from collections.abc import Awaitable, Callable
+from types import SimpleNamespace
+from typing import Any, Protocol
 
 import aiohttp
 from aiohttp_retry import ExponentialRetry, RetryClient
@@ -27,8 +35,47 @@ class BodyTooLargeError(Exception):
     pass
 
 
+RetryGate = Callable[[], Awaitable[None]]
+
+
 class TaskFetcher(Protocol):
-    async def fetch(self, task_id: str, *, now: float) -> PollResult: ...
+    async def fetch(
+        self, task_id: str, *, now: float, before_retry: RetryGate | None = None
+    ) -> PollResult: ...
+
+
+class _Requests:
+    """One fetch's requests on the wire: the first is paid for; each later one waits its turn."""
+
+    __slots__ = ("before_retry", "sent")
+
+    def __init__(self, before_retry: RetryGate) -> None:
+        self.before_retry = before_retry
+        self.sent = 0
+
+
+async def _on_request_on_the_wire(
+    session: aiohttp.ClientSession, context: SimpleNamespace, params: Any
+) -> None:
+    # Every request takes exactly one connection (new or pooled), retries included: the one
+    # place that sees aiohttp's own silent retry as well as ours.
+    requests = (context.trace_request_ctx or {}).get("requests")
+    if isinstance(requests, _Requests):
+        requests.sent += 1
+        if requests.sent > 1:
+            await requests.before_retry()
+
+
+def make_upstream_session(*, concurrency: int) -> aiohttp.ClientSession:
+    """The session UpstreamClient needs: `concurrency` connections, every request counted."""
+    trace = aiohttp.TraceConfig()
+    trace.on_connection_create_start.append(_on_request_on_the_wire)
+    trace.on_connection_reuseconn.append(_on_request_on_the_wire)
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=concurrency),
+        trace_configs=[trace],
+        json_serialize=lambda obj: "",  # never used: the relay only GETs upstream
+    )
 
 
 async def read_capped(response: aiohttp.ClientResponse, limit: int) -> bytes:
@@ -72,11 +119,20 @@ class UpstreamClient:
             ),
         )
 
-    async def fetch(self, task_id: str, *, now: float) -> PollResult:
+    async def fetch(
+        self, task_id: str, *, now: float, before_retry: RetryGate | None = None
+    ) -> PollResult:
+        """GET the task once (retrying a dropped connection at once, each retry after
+        `before_retry`) and classify the answer."""
         url = f"{self._base_url}/v1/tasks/{task_id}"
+        trace = {} if before_retry is None else {"requests": _Requests(before_retry)}
         try:
             async with self._client.get(
-                url, headers=self._headers, timeout=self._timeout, allow_redirects=False
+                url,
+                headers=self._headers,
+                timeout=self._timeout,
+                allow_redirects=False,
+                trace_request_ctx=trace,
             ) as response:
                 body = await read_capped(response, MAX_BODY_BYTES)
                 return classify_upstream(

@@ -67,6 +67,10 @@ class WorkLoop(abc.ABC, Generic[J]):
     async def run(self, stopping: asyncio.Event) -> None:
         """Work until `stopping` is set, then wait for in-flight items (the caller bounds that)."""
         while not stopping.is_set():
+            # Cleared before looking for work, never after: a wake() that lands while this
+            # iteration reads the store (a task just finished, a watch just registered) must
+            # cut the coming sleep short, not be lost to it.
+            self._wake.clear()
             try:
                 wait = await self._run_once()
             except StoreUnavailable as exc:
@@ -97,7 +101,6 @@ class WorkLoop(abc.ABC, Generic[J]):
         if seconds <= 0:
             await asyncio.sleep(0)
             return
-        self._wake.clear()
         waiters = [asyncio.ensure_future(self._wake.wait()), asyncio.ensure_future(stopping.wait())]
         try:
             await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)

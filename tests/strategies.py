@@ -1,11 +1,13 @@
-"""Hypothesis strategies for callback URLs and the addresses they point at."""
+"""Hypothesis strategies: callback URLs and the addresses they point at, and upstream answers."""
 
 from __future__ import annotations
 
 import ipaddress
 import string
 from collections.abc import Callable
+from typing import Any
 
+import orjson
 from hypothesis import strategies as st
 
 # Restated from the issue rather than imported, so the properties check the module's own table.
@@ -100,4 +102,57 @@ def passwords() -> st.SearchStrategy[str]:
     """A password distinctive enough that finding it in a message means it leaked."""
     return st.text(string.ascii_letters + string.digits, min_size=4, max_size=16).map(
         lambda s: f"Pw-{s}"
+    )
+
+
+# --- upstream answers -----------------------------------------------------------------------------
+
+# What orjson reads back exactly: integers within 64 bits (wider ones come back as floats) and
+# finite floats (it writes NaN and infinities as null).
+_JSON_SCALARS = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**63), 2**64 - 1),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(),
+)
+
+
+def json_values() -> st.SearchStrategy[Any]:
+    """Any JSON value that survives an orjson round trip unchanged."""
+    return st.recursive(
+        _JSON_SCALARS,
+        lambda inner: st.one_of(
+            st.lists(inner, max_size=5), st.dictionaries(st.text(max_size=10), inner, max_size=5)
+        ),
+        max_leaves=20,
+    )
+
+
+def json_objects() -> st.SearchStrategy[dict[str, Any]]:
+    """A JSON object with any keys and values."""
+    return st.dictionaries(st.text(max_size=10), json_values(), max_size=6)
+
+
+def http_statuses() -> st.SearchStrategy[int]:
+    """Any status code a server could send, the common ones more often."""
+    return st.one_of(
+        st.sampled_from([200, 201, 204, 301, 400, 401, 403, 404, 408, 410, 429, 500, 502, 503]),
+        st.integers(100, 599),
+    )
+
+
+def envelope_bodies() -> st.SearchStrategy[bytes]:
+    """Bytes that are almost a task envelope: any code, any data, extra keys, or cut short."""
+    envelope = st.builds(
+        lambda code, data, extra: {**extra, "code": code, "data": data},
+        st.one_of(st.sampled_from([200, 404, 429, 500]), json_values()),
+        json_values(),
+        json_objects(),
+    ).map(orjson.dumps)
+    return st.one_of(
+        envelope,
+        envelope.flatmap(lambda body: st.integers(0, len(body)).map(lambda cut: body[:cut])),
+        json_values().map(orjson.dumps),
+        st.binary(max_size=200),
     )

@@ -8,7 +8,11 @@ __all__ = ["Store", "StoreConflict", "StoreUnavailable", "open_store"]
 
 
 async def open_store(
-    store_url: str, *, synchronous: str = "NORMAL", postgres_schema: str = "public"
+    store_url: str,
+    *,
+    synchronous: str = "NORMAL",
+    sqlite_busy_timeout_ms: int = 5_000,
+    postgres_schema: str = "public",
 ) -> Store:
     """Open (and migrate) the store named by `RELAY_STORE_URL`."""
     store: Store
@@ -16,7 +20,11 @@ async def open_store(
         from relay.config import sqlite_path
         from relay.store.sqlite import SQLiteStore
 
-        store = SQLiteStore(sqlite_path(store_url), synchronous=synchronous)
+        store = SQLiteStore(
+            sqlite_path(store_url),
+            synchronous=synchronous,
+            busy_timeout_ms=sqlite_busy_timeout_ms,
+        )
     elif store_url.startswith(("postgresql://", "postgres://")):
         from relay.store.postgres import PostgresStore
 

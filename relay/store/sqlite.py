@@ -9,6 +9,7 @@ also survives power loss at a write cost (`RELAY_SQLITE_SYNCHRONOUS`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import time
 from collections import deque
@@ -110,6 +111,8 @@ class SQLiteStore:
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relay-sqlite-read")
         self._conn: sqlite3.Connection | None = None
         self._read_conn: sqlite3.Connection | None = None
+        # Set when the writer connection was dropped as stale; see _connection.
+        self._reader_stale = False
         # Group commit: writes queue here and the writer thread commits all that waited in one
         # transaction (each in its own savepoint); every caller resumes only after that COMMIT.
         self._pending: deque[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = (
@@ -148,26 +151,32 @@ class SQLiteStore:
             batch.append(self._pending.popleft())
         if not batch:
             return
-        outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
         try:
-            conn = self._connection()
-            conn.execute("BEGIN IMMEDIATE")
-        except (sqlite3.Error, StoreUnavailable) as exc:
-            failure = _unavailable(exc)
+            outcomes = self._commit(batch)
+        except Exception as exc:  # whatever went wrong, no caller may be left waiting
+            self._after_error(exc)
+            failure = _unavailable(exc) if isinstance(exc, sqlite3.Error) else exc
             outcomes = [(future, None, failure) for _, future in batch]
-        else:
-            for fn, future in batch:
-                outcomes.append((future, *self._in_savepoint(conn, fn)))
-            try:
-                conn.execute("COMMIT")
-            except sqlite3.Error as exc:
-                # Disk full or read-only at commit: nothing of the batch was kept.
-                if conn.in_transaction:
-                    conn.rollback()
-                failure = _unavailable(exc)
-                outcomes = [(future, None, failure) for future, _, _ in outcomes]
         for future, result, error in outcomes:
             loop.call_soon_threadsafe(_settle, future, result, error)
+
+    def _commit(
+        self, batch: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]]
+    ) -> list[tuple[asyncio.Future[Any], Any, BaseException | None]]:
+        """Run the batch in one transaction; each caller's outcome, or all fail together."""
+        conn = self._connection()
+        conn.execute("BEGIN IMMEDIATE")
+        outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+        for fn, future in batch:
+            result, error = self._in_savepoint(conn, fn)
+            if not conn.in_transaction or _stale(error):
+                # SQLite rolled the whole transaction back (disk full or an I/O error inside a
+                # statement), or the connection cannot write at all: nothing of the batch is
+                # kept, the writes that succeeded included.
+                raise error if error is not None else StoreUnavailable("sqlite: rolled back")
+            outcomes.append((future, result, error))
+        conn.execute("COMMIT")  # disk full or read-only here: nothing of the batch was kept
+        return outcomes
 
     @staticmethod
     def _in_savepoint(
@@ -178,8 +187,9 @@ class SQLiteStore:
         try:
             result = fn(conn)
         except Exception as exc:  # handed to the caller that queued it, never lost here
-            conn.execute("ROLLBACK TO write")
-            conn.execute("RELEASE write")
+            if conn.in_transaction:  # else SQLite has already rolled everything back
+                conn.execute("ROLLBACK TO write")
+                conn.execute("RELEASE write")
             if isinstance(exc, sqlite3.IntegrityError):
                 return None, StoreConflict("the change conflicts with another watch")
             if isinstance(exc, sqlite3.Error):
@@ -188,8 +198,30 @@ class SQLiteStore:
         conn.execute("RELEASE write")
         return result, None
 
+    def _after_error(self, exc: BaseException) -> None:
+        """Roll back what is left open; drop a connection the error shows to be stale."""
+        conn = self._conn
+        if conn is None:
+            return
+        with contextlib.suppress(sqlite3.Error):
+            if conn.in_transaction:
+                conn.rollback()
+        if _stale(exc):
+            # Opened read-only, or on a volume since remounted: a new connection is how the
+            # store comes back by itself once the file is writable again.
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
+            self._conn = None
+            self._reader_stale = True
+
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None:
+            if self._reader_stale:
+                # SQLite shares one file handle and one WAL index per file among a process's
+                # connections: while the reader's stays open, a new writer inherits its
+                # read-only view. Close it first (on its own thread); it reopens on next read.
+                self._reader.submit(self._close_reader).result()
+                self._reader_stale = False
             try:
                 self._conn = self._connect()
             except sqlite3.Error as exc:
@@ -201,28 +233,44 @@ class SQLiteStore:
         try:
             return fn(conn)
         except sqlite3.Error as exc:
-            if conn.in_transaction:
-                conn.rollback()
+            self._after_error(exc)
             raise _unavailable(exc) from exc
 
     def _call_reader(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         try:
             if self._read_conn is None:
                 conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
-                conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_ms)}")
-                conn.execute("PRAGMA query_only = ON")
+                try:
+                    conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_ms)}")
+                    conn.execute("PRAGMA query_only = ON")
+                except sqlite3.Error:
+                    conn.close()
+                    raise
                 self._read_conn = conn
             return fn(self._read_conn)
         except sqlite3.Error as exc:
+            if _stale(exc):
+                self._close_reader()
             raise _unavailable(exc) from exc
+
+    def _close_reader(self) -> None:
+        """Close the reader connection; only ever on the reader thread."""
+        if self._read_conn is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._read_conn.close()
+            self._read_conn = None
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
-        conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_ms)}")
-        conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute(f"PRAGMA synchronous = {self._synchronous}")
-        conn.execute("PRAGMA foreign_keys = ON")
-        self._migrate(conn)
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_ms)}")
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+            conn.execute("PRAGMA foreign_keys = ON")
+            self._migrate(conn)
+        except sqlite3.Error:
+            conn.close()  # tried again on the next call, from scratch
+            raise
         return conn
 
     @staticmethod
@@ -243,7 +291,8 @@ class SQLiteStore:
                 conn.execute("INSERT INTO schema_migrations VALUES (?, ?)", (version, time.time()))
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            if conn.in_transaction:  # a full disk may have rolled it back already
+                conn.execute("ROLLBACK")
             raise
 
     async def open(self) -> None:
@@ -254,14 +303,9 @@ class SQLiteStore:
             conn.close()
             self._conn = None
 
-        def close_reader() -> None:
-            if self._read_conn is not None:
-                self._read_conn.close()
-                self._read_conn = None
-
         if self._conn is not None:
             await self._run(close_writer)
-        await asyncio.get_running_loop().run_in_executor(self._reader, close_reader)
+        await asyncio.get_running_loop().run_in_executor(self._reader, self._close_reader)
         self._writer.shutdown(wait=True)
         self._reader.shutdown(wait=True)
 
@@ -634,9 +678,37 @@ class SQLiteStore:
         await stopping.wait()  # every registration comes through this process's own API
 
 
+# Errors that leave the connection itself suspect (a file opened read-only, a volume remounted
+# or failing): the store drops it and opens a new one on the next call. Busy, locked and full
+# are conditions of the moment; the connection stays.
+_STALE_CODES = frozenset(
+    {
+        sqlite3.SQLITE_READONLY,
+        sqlite3.SQLITE_IOERR,
+        sqlite3.SQLITE_CANTOPEN,
+        sqlite3.SQLITE_CORRUPT,
+        sqlite3.SQLITE_NOTADB,
+    }
+)
+
+
+def _stale(exc: BaseException | None) -> bool:
+    """Whether `exc`, or the SQLite error it stands for, is one of `_STALE_CODES`."""
+    while exc is not None:
+        code = getattr(exc, "sqlite_errorcode", None)
+        if isinstance(code, int):
+            return code & 0xFF in _STALE_CODES
+        exc = exc.__cause__
+    return False
+
+
 def _unavailable(exc: BaseException) -> StoreUnavailable:
     # Disk full, read-only file, locked by another process: the caller answers 503.
-    return exc if isinstance(exc, StoreUnavailable) else StoreUnavailable(f"sqlite: {exc}")
+    if isinstance(exc, StoreUnavailable):
+        return exc
+    unavailable = StoreUnavailable(f"sqlite: {exc}")
+    unavailable.__cause__ = exc  # kept for _stale, whoever raises it
+    return unavailable
 
 
 def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:

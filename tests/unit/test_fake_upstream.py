@@ -455,3 +455,89 @@ async def test_run_fake_upstream_serves_until_stopped() -> None:
         stop.set()
         await asyncio.wait_for(server, timeout=5)
     assert (status, doc["data"]["status"]) == (200, "queued")
+
+
+async def chaos_answers(session: aiohttp.ClientSession, task_id: str, n: int) -> list[Any]:
+    seen = []
+    for _ in range(n):
+        async with session.get(f"/v1/tasks/{task_id}") as resp:
+            seen.append((resp.status, resp.headers.get("Retry-After"), await resp.text()))
+    return seen
+
+
+async def test_chaos_at_rate_one_fails_every_get_and_counts_each_kind(
+    fake: aiohttp.ClientSession,
+) -> None:
+    """rate 1: every GET is a fault of a listed kind; GET /_fake/chaos counts them by kind."""
+    config = {"rate": 1, "seed": 7, "kinds": ["503", "429-retry-after"]}
+    await control(fake, "POST", "/_fake/chaos", config)
+    seen = await chaos_answers(fake, "tk-hiapi-1", 20)
+    chaos = await control(fake, "GET", "/_fake/chaos")
+    observed = {
+        "503": sum(1 for s in seen if s[:2] == (503, None)),
+        "429-retry-after": sum(1 for s in seen if s[:2] == (429, "1")),
+    }
+    assert 20 == sum(observed.values())
+    assert observed == chaos["injected"]
+    assert (chaos["rate"], chaos["seed"], chaos["kinds"]) == (1.0, 7, config["kinds"])
+
+
+async def test_chaos_with_one_seed_repeats_the_same_faults(fake: aiohttp.ClientSession) -> None:
+    """The same seed, after a reset, draws the same sequence of faults and normal answers."""
+    runs = []
+    for _ in range(2):
+        await control(fake, "POST", "/_fake/reset")
+        await control(fake, "POST", "/_fake/chaos", {"rate": 0.5, "seed": 3, "kinds": ["500"]})
+        runs.append([status for status, _, _ in await chaos_answers(fake, "tk-hiapi-1", 30)])
+    assert runs[0] == runs[1]
+    assert {200, 500} == set(runs[0])
+
+
+async def test_chaos_backwards_answers_an_earlier_status_never_an_end(
+    fake: aiohttp.ClientSession,
+) -> None:
+    """backwards on a finished task answers queued, handling or archiving, with no output."""
+    await control(fake, "PUT", "/_fake/tasks/tk-hiapi-1", {"status": "success"})
+    await control(fake, "POST", "/_fake/chaos", {"rate": 1, "seed": 1, "kinds": ["backwards"]})
+    answers = [
+        orjson.loads(text)["data"] for _, _, text in await chaos_answers(fake, "tk-hiapi-1", 12)
+    ]
+    assert {"queued", "handling", "archiving"} >= {a["status"] for a in answers}
+    assert [] == [a for a in answers if a["completed"] != 0 or "output" in a]
+
+
+async def test_chaos_malformed_kinds_break_the_answer_each_its_own_way(
+    fake: aiohttp.ClientSession,
+) -> None:
+    """truncated cuts the body short; not-json is a 200 HTML page; wrong-shape is not this task."""
+    await control(fake, "POST", "/_fake/chaos", {"rate": 1, "kinds": ["truncated"]})
+    async with fake.get("/v1/tasks/tk-hiapi-1") as resp:
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await resp.read()
+    await control(fake, "POST", "/_fake/chaos", {"rate": 1, "kinds": ["not-json"]})
+    ((status, _, text),) = await chaos_answers(fake, "tk-hiapi-1", 1)
+    assert (200, True) == (status, text.startswith("<html>"))
+    await control(fake, "POST", "/_fake/chaos", {"rate": 1, "seed": 5, "kinds": ["wrong-shape"]})
+    for status, _, text in await chaos_answers(fake, "tk-hiapi-1", 12):
+        doc = orjson.loads(text)
+        data = doc["data"]
+        this_task = (
+            isinstance(data, dict)
+            and data.get("taskId") == "tk-hiapi-1"
+            and data.get("status") in ("queued", "handling", "archiving", "success", "fail")
+        )
+        assert (200, 200, False) == (status, doc["code"], this_task)
+
+
+async def test_chaos_rate_zero_stops_it_and_bad_settings_are_rejected(
+    fake: aiohttp.ClientSession,
+) -> None:
+    """rate 0 ends chaos; an unknown kind or a rate over 1 is a 400."""
+    await control(fake, "POST", "/_fake/chaos", {"rate": 1, "kinds": ["500"]})
+    await control(fake, "POST", "/_fake/chaos", {"rate": 0})
+    statuses = [s for s, _, _ in await chaos_answers(fake, "tk-hiapi-1", 3)]
+    rejected = []
+    for bad in ({"rate": 1, "kinds": ["501"]}, {"rate": 1.5}, {"rate": 0.5, "hang": 1}):
+        async with fake.post("/_fake/chaos", data=orjson.dumps(bad)) as resp:
+            rejected.append(resp.status)
+    assert (statuses, rejected) == ([200, 200, 200], [400, 400, 400])
