@@ -34,7 +34,7 @@ from relay.models import (
     WatchState,
 )
 from relay.store.base import StoreConflict, StoreUnavailable
-from relay.store.rows import dumps_or_none, loads_or_none, watch_from_row
+from relay.store.rows import dumps_or_none, loads_or_none, task_update_params, watch_from_row
 
 if TYPE_CHECKING:
     from asyncpg.pool import PoolConnectionProxy
@@ -482,19 +482,7 @@ class PostgresStore:
                     " next_poll_at = $2, interval_s = $3, error_streak = $4,"
                     " first_not_found_at = $5, last_error = $6, updated_at = $7"
                     " WHERE task_id = $8",
-                    [
-                        (
-                            u.status,
-                            u.next_poll_at,
-                            u.interval,
-                            u.error_streak,
-                            u.first_not_found_at,
-                            u.last_error,
-                            now,
-                            u.task_id,
-                        )
-                        for u in updates
-                    ],
+                    [task_update_params(u, now) for u in updates],
                 )
             moved = 0
             for f in finishes:

@@ -6,7 +6,7 @@ from typing import Any, Protocol
 
 import orjson
 
-from relay.models import Watch, WatchState
+from relay.models import TaskUpdate, Watch, WatchState
 
 # JSON is stored as the text of orjson's bytes: it keeps key order and every byte, so a callback
 # carries the upstream data verbatim (PostgreSQL's jsonb would reorder keys).
@@ -43,4 +43,19 @@ def watch_from_row(row: Row) -> Watch:
         next_poll_at=row[10],
         delivery_attempts=row[11],
         last_error=row[12],
+    )
+
+
+def task_update_params(update: TaskUpdate, now: float) -> tuple[Any, ...]:
+    """Parameters of both stores' task-update statement: status, next poll, interval, error
+    streak, first not-found, last error, updated at, task id."""
+    return (
+        update.status,
+        update.next_poll_at,
+        update.interval,
+        update.error_streak,
+        update.first_not_found_at,
+        update.last_error,
+        now,
+        update.task_id,
     )

@@ -31,7 +31,7 @@ from relay.models import (
     WatchState,
 )
 from relay.store.base import StoreConflict, StoreUnavailable
-from relay.store.rows import dumps_or_none, loads_or_none, watch_from_row
+from relay.store.rows import dumps_or_none, loads_or_none, task_update_params, watch_from_row
 
 T = TypeVar("T")
 
@@ -493,19 +493,7 @@ class SQLiteStore:
                 "UPDATE tasks SET status = COALESCE(?, status), polls = polls + 1,"
                 " next_poll_at = ?, interval_s = ?, error_streak = ?, first_not_found_at = ?,"
                 " last_error = ?, updated_at = ? WHERE task_id = ?",
-                [
-                    (
-                        u.status,
-                        u.next_poll_at,
-                        u.interval,
-                        u.error_streak,
-                        u.first_not_found_at,
-                        u.last_error,
-                        now,
-                        u.task_id,
-                    )
-                    for u in updates
-                ],
+                [task_update_params(u, now) for u in updates],
             )
             moved = 0
             for f in finishes:
