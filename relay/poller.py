@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 
 from relay import logs
+from relay.batching import UpdateBatch
 from relay.metrics import Metrics
 from relay.models import PollOutcome, PollResult, TaskClaim, TaskFinish, TaskUpdate
 from relay.policy import PollPolicy, exponential, plan_after_poll
@@ -61,6 +62,7 @@ class Poller(WorkLoop[TaskClaim]):
         self._rand = rand
         self._on_finished = on_finished
         self._rps = rps
+        self._updates = UpdateBatch(store)
         self._bucket = TokenBucket(rps, burst=burst_for(rps), now=clock())
         self._last_expiry = float("-inf")
         # A rejected API key fails every task alike: pause all polling instead of burning
@@ -142,7 +144,13 @@ class Poller(WorkLoop[TaskClaim]):
         now = self._clock()
         self._track_auth(result, now)
         plan = plan_after_poll(item, result, now=now, rand=self._rand(), policy=self._policy)
-        moved = await self._store.apply_poll_results([plan], now=now)
+        if isinstance(plan, TaskUpdate):
+            await self._updates.apply(plan, now=now)
+            moved = 0
+        else:
+            # A finish moves watches to delivering, once per task: written on its own, it
+            # returns how many for the metrics and the log.
+            moved = await self._store.apply_poll_results([plan], now=now)
         self._log_poll(item, result, plan, moved)
         if isinstance(plan, TaskFinish):
             metrics.events_emitted.labels(plan.event_type.value).inc(moved)
