@@ -34,7 +34,13 @@ from relay.models import (
     WatchState,
 )
 from relay.store.base import StoreConflict, StoreUnavailable
-from relay.store.rows import dumps_or_none, loads_or_none, task_update_params, watch_from_row
+from relay.store.rows import (
+    claim_from_row,
+    dumps_or_none,
+    job_from_row,
+    task_update_params,
+    watch_from_row,
+)
 
 if TYPE_CHECKING:
     from asyncpg.pool import PoolConnectionProxy
@@ -449,17 +455,7 @@ class PostgresStore:
     async def claim_due_tasks(self, *, now: float, limit: int, lease_s: float) -> list[TaskClaim]:
         async def claim(conn: Conn) -> list[TaskClaim]:
             rows = await conn.fetch(_CLAIM_TASKS, now, limit, now + lease_s)
-            claims = [
-                TaskClaim(
-                    task_id=r[0],
-                    polls=r[1],
-                    interval=r[2],
-                    error_streak=r[3],
-                    first_not_found_at=r[4],
-                    due_at=r[5],
-                )
-                for r in rows
-            ]
+            claims = [claim_from_row(r) for r in rows]
             # RETURNING has no order of its own.
             claims.sort(key=lambda c: (c.due_at, c.task_id))
             return claims
@@ -542,20 +538,7 @@ class PostgresStore:
     ) -> list[DeliveryJob]:
         async def claim(conn: Conn) -> list[DeliveryJob]:
             rows = await conn.fetch(_CLAIM_DELIVERIES, now, limit, now + lease_s)
-            jobs = [
-                DeliveryJob(
-                    watch_id=r[0],
-                    task_id=r[1],
-                    callback_url=r[2],
-                    metadata=loads_or_none(r[3]),
-                    event_type=EventType(r[4]),
-                    task_data=loads_or_none(r[5]),
-                    event_at=r[6],
-                    attempts=r[7],
-                    due_at=r[8],
-                )
-                for r in rows
-            ]
+            jobs = [job_from_row(r) for r in rows]
             # RETURNING has no order of its own.
             jobs.sort(key=lambda j: (j.due_at, j.watch_id))
             return jobs

@@ -6,7 +6,7 @@ from typing import Any, Protocol
 
 import orjson
 
-from relay.models import TaskUpdate, Watch, WatchState
+from relay.models import DeliveryJob, EventType, TaskClaim, TaskUpdate, Watch, WatchState
 
 # JSON is stored as the text of orjson's bytes: it keeps key order and every byte, so a callback
 # carries the upstream data verbatim (PostgreSQL's jsonb would reorder keys).
@@ -58,4 +58,33 @@ def task_update_params(update: TaskUpdate, now: float) -> tuple[Any, ...]:
         update.last_error,
         now,
         update.task_id,
+    )
+
+
+def claim_from_row(row: Row) -> TaskClaim:
+    """A TaskClaim from the stores' claim: task id, polls, interval, error streak, first
+    not-found, and the due time before the claim moved it."""
+    return TaskClaim(
+        task_id=row[0],
+        polls=row[1],
+        interval=row[2],
+        error_streak=row[3],
+        first_not_found_at=row[4],
+        due_at=row[5],
+    )
+
+
+def job_from_row(row: Row) -> DeliveryJob:
+    """A DeliveryJob from the stores' delivery claim: watch, task, url, metadata, event type,
+    task data, event time, attempts, and the due time before the claim moved it."""
+    return DeliveryJob(
+        watch_id=row[0],
+        task_id=row[1],
+        callback_url=row[2],
+        metadata=loads_or_none(row[3]),
+        event_type=EventType(row[4]),
+        task_data=loads_or_none(row[5]),
+        event_at=row[6],
+        attempts=row[7],
+        due_at=row[8],
     )

@@ -31,7 +31,13 @@ from relay.models import (
     WatchState,
 )
 from relay.store.base import StoreConflict, StoreUnavailable
-from relay.store.rows import dumps_or_none, loads_or_none, task_update_params, watch_from_row
+from relay.store.rows import (
+    claim_from_row,
+    dumps_or_none,
+    job_from_row,
+    task_update_params,
+    watch_from_row,
+)
 
 T = TypeVar("T")
 
@@ -468,17 +474,7 @@ class SQLiteStore:
                 "UPDATE tasks SET next_poll_at = ? WHERE task_id = ?",
                 [(now + lease_s, r[0]) for r in rows],
             )
-            return [
-                TaskClaim(
-                    task_id=r[0],
-                    polls=r[1],
-                    interval=r[2],
-                    error_streak=r[3],
-                    first_not_found_at=r[4],
-                    due_at=r[5],
-                )
-                for r in rows
-            ]
+            return [claim_from_row(r) for r in rows]
 
         return await self._write(claim)
 
@@ -559,20 +555,7 @@ class SQLiteStore:
                 "UPDATE watches SET next_delivery_at = ? WHERE watch_id = ?",
                 [(now + lease_s, r[0]) for r in rows],
             )
-            return [
-                DeliveryJob(
-                    watch_id=r[0],
-                    task_id=r[1],
-                    callback_url=r[2],
-                    metadata=loads_or_none(r[3]),
-                    event_type=EventType(r[4]),
-                    task_data=loads_or_none(r[5]),
-                    event_at=r[6],
-                    attempts=r[7],
-                    due_at=r[8],
-                )
-                for r in rows
-            ]
+            return [job_from_row(r) for r in rows]
 
         return await self._write(claim)
 
