@@ -52,6 +52,9 @@ GAUGE_REFRESH_S = 5.0
 # A replica beats every 5 s and counts as gone after 15 s of silence (three missed beats).
 HEARTBEAT_S = 5.0
 HEARTBEAT_STALE_S = 15.0
+# A replica joining others polls only once each of them has beaten since it joined, and so taken
+# its smaller share: polling at once would put the deployment over budget for up to one beat.
+JOIN_HOLD_S = HEARTBEAT_S + 1.0
 
 Resolve = Callable[[str, int], Awaitable[list[str]]]
 
@@ -169,6 +172,7 @@ async def _loops_ctx(
     app[DELIVERER] = deliverer
     stopping = app[STOPPING]
     if run_loops:
+        await join_replicas(app)
         for name, coro in (
             ("poll", poller.run(stopping)),
             ("delivery", deliverer.run(stopping)),
@@ -229,19 +233,37 @@ async def refresh_gauges(app: web.Application) -> None:
     metrics.callbacks_backlog.set(counts[WatchState.DELIVERING])
 
 
-async def _heartbeat(app: web.Application, stopping: asyncio.Event) -> None:
-    """Tell the store this replica lives; take this replica's share of the upstream budget."""
+async def _beat(app: web.Application) -> int | None:
+    """One heartbeat: tell the store this replica lives, take this replica's budget share."""
     store, poller, metrics, clock = app[STORE], app[POLLER], app[METRICS], app[CLOCK]
+    try:
+        now = clock()
+        live = await store.heartbeat(app[REPLICA_ID], now=now, stale_after_s=HEARTBEAT_STALE_S)
+    except StoreUnavailable:
+        metrics.store_errors.inc()
+        return None
+    poller.share_budget(live, now)
+    metrics.replicas_live.set(live)
+    return live
+
+
+async def join_replicas(app: web.Application) -> int | None:
+    """The first beat, before the loops start; if other replicas are polling, hold polling
+    until each of them has beaten since (JOIN_HOLD_S) and so taken its smaller share."""
+    live = await _beat(app)
+    if live is not None and live > 1:
+        app[POLLER].hold(app[CLOCK]() + JOIN_HOLD_S)
+        logs.event(log, "replica_joining", replicas=live, hold_s=JOIN_HOLD_S)
+    return live
+
+
+async def _heartbeat(app: web.Application, stopping: asyncio.Event) -> None:
+    """Beat every HEARTBEAT_S (the first beat ran before the loops started)."""
     while not stopping.is_set():
-        try:
-            now = clock()
-            live = await store.heartbeat(app[REPLICA_ID], now=now, stale_after_s=HEARTBEAT_STALE_S)
-            poller.share_budget(live, now)
-            metrics.replicas_live.set(live)
-        except StoreUnavailable:
-            metrics.store_errors.inc()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stopping.wait(), timeout=HEARTBEAT_S)
+        if not stopping.is_set():
+            await _beat(app)
 
 
 async def _refresh_gauges(app: web.Application, stopping: asyncio.Event) -> None:

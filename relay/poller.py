@@ -16,7 +16,14 @@ from collections.abc import Callable
 from relay import logs
 from relay.batching import UpdateBatch
 from relay.metrics import Metrics
-from relay.models import PollOutcome, PollResult, TaskClaim, TaskFinish, TaskUpdate
+from relay.models import (
+    PollOutcome,
+    PollResult,
+    TaskClaim,
+    TaskFinish,
+    TaskStatus,
+    TaskUpdate,
+)
 from relay.policy import PollPolicy, exponential, plan_after_poll
 from relay.ratelimit import TokenBucket
 from relay.store.base import Store
@@ -69,11 +76,29 @@ class Poller(WorkLoop[TaskClaim]):
         # through every stream's backoff, and say so in a gauge an alert can use.
         self._auth_failures = 0
         self._paused_until = float("-inf")
+        self._held_until = float("-inf")
+        # Read at scrape time: a plain int costs the hot path nothing, a Gauge.inc() a lock.
+        self._requests_in_flight = 0
+        metrics.upstream_in_flight.set_function(lambda: self._requests_in_flight)
+        # Label lookups resolved once, not on every poll.
+        self._poll_duration = {o: metrics.poll_duration.labels(o.value) for o in PollOutcome}
+        self._polls = {o: metrics.polls.labels(o.value) for o in PollOutcome}
+        self._task_status = {t: metrics.task_status.labels(t.value) for t in TaskStatus}
+        self._lag = metrics.scheduler_lag.labels(self.name)
 
     def share_budget(self, replicas: int, now: float) -> None:
         """Take 1/`replicas` of RELAY_UPSTREAM_RPS: the budget is the deployment's, not ours."""
         share = self._rps / max(1, replicas)
         self._bucket.set_rate(share, burst=burst_for(share), now=now)
+
+    @property
+    def budget_rps(self) -> float:
+        """This replica's share of RELAY_UPSTREAM_RPS."""
+        return self._bucket.rate
+
+    def hold(self, until: float) -> None:
+        """Poll nothing before `until` (a joining replica waits for the others to share)."""
+        self._held_until = max(self._held_until, until)
 
     async def expire(self, now: float) -> int:
         """Move watches past their deadline to a `task.timeout` callback."""
@@ -96,17 +121,18 @@ class Poller(WorkLoop[TaskClaim]):
         budget = min(free, self._bucket.available(now))
         if self._auth_failures:
             budget = min(budget, 1)  # while the key is rejected, probe with one poll at a time
-        if budget <= 0 or now < self._paused_until:
+        if budget <= 0 or now < self._paused_until or now < self._held_until:
             return []
         claims = await self._store.claim_due_tasks(now=now, limit=budget, lease_s=self._lease_s)
         self._bucket.take(now, len(claims))
         for claim in claims:
-            self._metrics.scheduler_lag.labels("poll").observe(max(0.0, now - claim.due_at))
+            self._lag.observe(max(0.0, now - claim.due_at))
         return claims
 
     async def _next_due_at(self, now: float) -> float | None:
-        if now < self._paused_until:
-            return self._paused_until
+        resume = max(self._paused_until, self._held_until)
+        if now < resume:
+            return resume
         if self._bucket.available(now) <= 0:
             return now + self._bucket.wait_s(now)
         due = await self._store.next_poll_due_at()
@@ -129,18 +155,18 @@ class Poller(WorkLoop[TaskClaim]):
 
     async def _handle(self, item: TaskClaim) -> None:
         metrics = self._metrics
-        metrics.upstream_in_flight.inc()
+        self._requests_in_flight += 1
         started = time.perf_counter()
         try:
             result = await self._fetcher.fetch(
                 item.task_id, now=self._clock(), before_retry=self._retry_token
             )
         finally:
-            metrics.upstream_in_flight.dec()
-        metrics.poll_duration.labels(result.outcome.value).observe(time.perf_counter() - started)
-        metrics.polls.labels(result.outcome.value).inc()
+            self._requests_in_flight -= 1
+        self._poll_duration[result.outcome].observe(time.perf_counter() - started)
+        self._polls[result.outcome].inc()
         if result.snapshot is not None:
-            metrics.task_status.labels(result.snapshot.status.value).inc()
+            self._task_status[result.snapshot.status].inc()
         now = self._clock()
         self._track_auth(result, now)
         plan = plan_after_poll(item, result, now=now, rand=self._rand(), policy=self._policy)

@@ -163,8 +163,8 @@ class SQLiteStore:
             self._after_error(exc)
             failure = _unavailable(exc) if isinstance(exc, sqlite3.Error) else exc
             outcomes = [(future, None, failure) for _, future in batch]
-        for future, result, error in outcomes:
-            loop.call_soon_threadsafe(_settle, future, result, error)
+        # One wake-up of the event loop for the whole batch, not one per caller.
+        loop.call_soon_threadsafe(_settle_all, outcomes)
 
     def _commit(
         self, batch: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]]
@@ -682,10 +682,11 @@ def _unavailable(exc: BaseException) -> StoreUnavailable:
     return unavailable
 
 
-def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
-    if future.done():  # its caller was cancelled; the write itself stands
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(result)
+def _settle_all(outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
+    for future, result, error in outcomes:
+        if future.done():  # its caller was cancelled; the write itself stands
+            continue
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
