@@ -242,8 +242,8 @@ def _polls_rows(p: dict[str, Any], add: Add) -> None:
 def _notify_rows(n: dict[str, Any], add: Add) -> None:
     add("notify", "flip -> 2xx p50 / p99 / max", _ms(n["latency_ms"], "p50", "p99", "max"),
         "notify_p99")  # fmt: skip
-    add("", "interval in force (with jitter, max)",
-        f"{n['poll_interval_s']:g} s ({n['poll_interval_max_with_jitter_s']:g} s)")  # fmt: skip
+    add("", "interval in force (jitter shortens to)",
+        f"{n['poll_interval_s']:g} s ({n['poll_interval_min_with_jitter_s']:g} s)")  # fmt: skip
     add("", "received / expected (duplicates)",
         f"{n['received']} / {n['expected']} ({n['duplicates']})")  # fmt: skip
     add("", "cores used: relay / upstream / rest", _cores(n["cpu"], "relay", "upstream"))

@@ -449,7 +449,8 @@ async def notify(b: Bench) -> dict[str, Any]:
         "expected": len(ids),
         "duplicates": stats["duplicates"],
         "poll_interval_s": plan.notify_interval_s,
-        "poll_interval_max_with_jitter_s": plan.notify_interval_s * (1 + jitter),
+        # Jitter only shortens a poll interval: the interval in force is the longest wait.
+        "poll_interval_min_with_jitter_s": plan.notify_interval_s * (1 - jitter),
         "seen_to_delivered_mean_ms": 1000 * delivery_sum / delivered if delivered else math.nan,
         "flip_rate_per_s": len(ids) / flipping_s if flipping_s else math.nan,
         "cpu": cpu,

@@ -40,6 +40,15 @@ def jittered(delay: float, jitter: float, rand: float) -> float:
     return delay * (1.0 - jitter + 2.0 * jitter * rand)
 
 
+def jittered_within(interval: float, jitter: float, rand: float) -> float:
+    """Spread `interval` uniformly over (interval*(1-jitter), interval]: shortened, never longer.
+
+    For progress polls the interval is a promise, not an average: a task that ends waits at most
+    one interval (RELAY_POLL_MAX_S at the most) before the relay sees it.
+    """
+    return interval * (1.0 - jitter * rand)
+
+
 def exponential(attempt: int, *, initial: float, cap: float, base: float = 2.0) -> float:
     """`min(cap, initial * base**(attempt-1))` for attempt >= 1, safe for any attempt count."""
     exponent = min(max(attempt - 1, 0), _MAX_EXPONENT)
@@ -212,7 +221,7 @@ def plan_after_poll(
         return TaskUpdate(
             task_id=claim.task_id,
             status=snapshot.raw_status,
-            next_poll_at=now + jittered(interval, policy.jitter, rand),
+            next_poll_at=now + jittered_within(interval, policy.jitter, rand),
             interval=interval,
             error_streak=0,
             first_not_found_at=None,
@@ -229,7 +238,7 @@ def plan_after_poll(
         return TaskUpdate(
             task_id=claim.task_id,
             status=None,
-            next_poll_at=now + jittered(policy.initial_s, policy.jitter, rand),
+            next_poll_at=now + jittered_within(policy.initial_s, policy.jitter, rand),
             interval=claim.interval,
             error_streak=0,
             first_not_found_at=first_seen,

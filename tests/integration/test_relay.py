@@ -146,7 +146,7 @@ async def test_poll_interval_grows_to_its_cap_and_archiving_resets_it(
     make_relay: RelayFactory, upstream: Upstream
 ) -> None:
     """Polls come at 2, 4, 8, 10 (cap) s apart; archiving brings the interval back to 2 s."""
-    relay = await make_relay(poll_initial_s=2.0, poll_factor=2.0, poll_max_s=10.0)
+    relay = await make_relay(poll_initial_s=2.0, poll_factor=2.0, poll_max_s=10.0, poll_jitter=0.0)
     await upstream.flip(TASK, "handling")
     watch = await relay.register(TASK, "http://127.0.0.1:9/hook")
 
@@ -171,8 +171,9 @@ async def test_nothing_is_polled_before_it_is_due(relay: Relay, upstream: Upstre
     await upstream.flip(TASK, "handling")
     await relay.register(TASK, "http://127.0.0.1:9/hook")
     assert 1 == await relay.poll()
-    assert 0 == await relay.poll(1.9)
-    assert 1 == await relay.poll(0.1)
+    # Due after 2 s x (1 - 0.2 jitter x 0.5 draw) = 1.8 s: jitter only ever brings a poll forward.
+    assert 0 == await relay.poll(1.79)
+    assert 1 == await relay.poll(0.01)
 
 
 async def test_rate_budget_caps_polls_per_second(

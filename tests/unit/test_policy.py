@@ -8,6 +8,8 @@ from typing import Any
 
 import orjson
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from relay.config import Settings
 from relay.models import (
@@ -32,6 +34,7 @@ from relay.policy import (
     exponential,
     honor_retry_after,
     jittered,
+    jittered_within,
     parse_retry_after,
     plan_after_delivery,
     plan_after_poll,
@@ -40,8 +43,10 @@ from relay.policy import (
 
 NOW = 1_700_000_000.0
 TASK = "tk-hiapi-0001"
-# `rand=0.5` puts a jittered delay exactly on its centre, so schedules come out as exact numbers.
+# `rand=0.5` puts a jittered backoff exactly on its centre, so schedules come out as exact numbers.
 NEUTRAL = 0.5
+# `rand=0.0` keeps a progress interval whole (its jitter only ever shortens it).
+WHOLE = 0.0
 
 POLL = PollPolicy(
     initial_s=2.0,
@@ -122,6 +127,29 @@ def test_jittered_spreads_around_the_delay(
 ) -> None:
     """A neutral draw keeps the delay; the lowest draw takes off exactly `jitter` of it."""
     assert expected == jittered(delay, jitter, rand)
+
+
+@pytest.mark.parametrize(
+    ("interval", "rand", "expected"),
+    [(10.0, 0.0, 10.0), (10.0, 0.5, 9.0), (10.0, 0.999, 8.002), (60.0, 0.25, 57.0)],
+)
+def test_a_progress_interval_is_only_ever_shortened_by_its_jitter(
+    interval: float, rand: float, expected: float
+) -> None:
+    """The interval is the longest a finished task waits to be seen: jitter takes off up to 20 %."""
+    assert pytest.approx(expected) == jittered_within(interval, 0.2, rand)
+
+
+@given(
+    interval=st.floats(min_value=0.0, max_value=86_400.0),
+    jitter=st.floats(min_value=0.0, max_value=0.9),
+    rand=st.floats(min_value=0.0, max_value=1.0, exclude_max=True),
+)
+def test_a_jittered_progress_interval_stays_within_its_bounds(
+    interval: float, jitter: float, rand: float
+) -> None:
+    actual = jittered_within(interval, jitter, rand)
+    assert interval * (1.0 - jitter) <= actual <= interval
 
 
 @pytest.mark.parametrize("delay", [2.0, 10.0, 300.0, 3600.0])
@@ -540,7 +568,7 @@ def test_progress_interval_starts_short_grows_to_the_cap_and_resets_when_archivi
 def test_first_poll_after_registration_schedules_the_initial_interval() -> None:
     """A task's first answer, still running, is looked at again after `initial_s`."""
     actual = plan_after_poll(
-        claim(polls=0, interval=0.0), ok("queued"), now=NOW, rand=NEUTRAL, policy=POLL
+        claim(polls=0, interval=0.0), ok("queued"), now=NOW, rand=WHOLE, policy=POLL
     )
     expected = TaskUpdate(
         task_id=TASK,
@@ -559,18 +587,18 @@ def test_a_running_task_is_polled_at_growing_intervals_up_to_the_cap() -> None:
     current = claim(polls=0, interval=0.0)
     gaps = []
     for _ in range(7):
-        update = plan_after_poll(current, ok("handling"), now=NOW, rand=NEUTRAL, policy=POLL)
+        update = plan_after_poll(current, ok("handling"), now=NOW, rand=WHOLE, policy=POLL)
         assert isinstance(update, TaskUpdate)
         gaps.append(update.next_poll_at - NOW)
         current = claim(polls=current.polls + 1, interval=update.interval)
     assert [2.0, 4.0, 8.0, 16.0, 32.0, 60.0, 60.0] == gaps
 
 
-@pytest.mark.parametrize(("rand", "expected_gap"), [(0.0, 12.8), (0.5, 16.0)])
+@pytest.mark.parametrize(("rand", "expected_gap"), [(0.0, 16.0), (0.5, 14.4), (0.999, 12.8032)])
 def test_poll_interval_is_jittered_but_the_stored_interval_is_not(
     rand: float, expected_gap: float
 ) -> None:
-    """Jitter moves the next poll time; the interval kept for growth stays exact."""
+    """Jitter brings the next poll forward; the interval kept for growth stays exact."""
     actual = plan_after_poll(
         claim(polls=3, interval=8.0), ok("handling"), now=0.0, rand=rand, policy=POLL
     )
@@ -582,7 +610,7 @@ def test_poll_interval_is_jittered_but_the_stored_interval_is_not(
 def test_archiving_resets_the_interval_to_initial() -> None:
     """Near the end the task is watched closely again."""
     actual = plan_after_poll(
-        claim(polls=9, interval=60.0), ok("archiving"), now=NOW, rand=NEUTRAL, policy=POLL
+        claim(polls=9, interval=60.0), ok("archiving"), now=NOW, rand=WHOLE, policy=POLL
     )
     expected = TaskUpdate(
         task_id=TASK,
@@ -599,7 +627,7 @@ def test_archiving_resets_the_interval_to_initial() -> None:
 def test_an_unknown_status_keeps_polling_and_records_the_raw_status() -> None:
     """A status the relay does not know is not an end; its raw text is stored."""
     actual = plan_after_poll(
-        claim(polls=1, interval=2.0), ok("paused"), now=NOW, rand=NEUTRAL, policy=POLL
+        claim(polls=1, interval=2.0), ok("paused"), now=NOW, rand=WHOLE, policy=POLL
     )
     assert isinstance(actual, TaskUpdate)
     assert ("paused", NOW + 4.0) == (actual.status, actual.next_poll_at)
@@ -634,7 +662,7 @@ NOT_FOUND = PollResult(outcome=PollOutcome.NOT_FOUND, http_status=404, detail="e
 def test_the_first_not_found_starts_the_grace_window() -> None:
     """A task not visible yet is looked at again after `initial_s`, remembering when it was missed."""
     actual = plan_after_poll(
-        claim(polls=0, interval=0.0, error_streak=2), NOT_FOUND, now=NOW, rand=NEUTRAL, policy=POLL
+        claim(polls=0, interval=0.0, error_streak=2), NOT_FOUND, now=NOW, rand=WHOLE, policy=POLL
     )
     expected = TaskUpdate(
         task_id=TASK,
@@ -652,7 +680,7 @@ def test_not_found_inside_the_grace_window_keeps_the_first_miss() -> None:
     """A second miss within the grace keeps polling and keeps the time of the first miss."""
     first = NOW - 59.0
     actual = plan_after_poll(
-        claim(interval=8.0, first_not_found_at=first), NOT_FOUND, now=NOW, rand=NEUTRAL, policy=POLL
+        claim(interval=8.0, first_not_found_at=first), NOT_FOUND, now=NOW, rand=WHOLE, policy=POLL
     )
     expected = TaskUpdate(
         task_id=TASK,
@@ -803,7 +831,7 @@ def test_an_ok_after_errors_resets_the_streak_and_the_not_found_mark() -> None:
         claim(polls=4, interval=8.0, error_streak=5, first_not_found_at=NOW - 30.0),
         ok("handling"),
         now=NOW,
-        rand=NEUTRAL,
+        rand=WHOLE,
         policy=POLL,
     )
     expected = TaskUpdate(
