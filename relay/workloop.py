@@ -31,8 +31,14 @@ class WorkLoop(abc.ABC, Generic[J]):
         self._metrics = metrics
         self._concurrency = concurrency
         self._clock = clock
-        self._wake = asyncio.Event()
+        # The wake-up: a flag, and the future the idle loop waits on (if it is idle). Cheaper per
+        # finished item than an asyncio.Event raced against `stopping` with asyncio.wait.
+        self._woken = False
+        self._waiter: asyncio.Future[None] | None = None
         self._in_flight: set[asyncio.Task[None]] = set()
+        # Items being handled; unlike len(_in_flight) it drops the moment an item is done, not
+        # when its task's done-callback runs a loop turn later.
+        self._active = 0
         self._cut_short: list[J] = []
         # A full pool claims again once this many slots are free, not at every finished item:
         # one claim transaction per few items instead of one per item (half the store's work at
@@ -57,7 +63,10 @@ class WorkLoop(abc.ABC, Generic[J]):
 
     def wake(self) -> None:
         """New work may be due now: stop idling."""
-        self._wake.set()
+        self._woken = True
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     @property
     def in_flight(self) -> int:
@@ -71,49 +80,63 @@ class WorkLoop(abc.ABC, Generic[J]):
 
     async def run(self, stopping: asyncio.Event) -> None:
         """Work until `stopping` is set, then wait for in-flight items (the caller bounds that)."""
-        while not stopping.is_set():
-            # Cleared before looking for work, never after: a wake() that lands while this
-            # iteration reads the store (a task just finished, a watch just registered) must
-            # cut the coming sleep short, not be lost to it.
-            self._wake.clear()
-            try:
-                wait = await self._run_once()
-            except StoreUnavailable as exc:
-                self._store_unavailable(exc)
-                wait = IDLE_WAIT_S
-            await self._sleep(stopping, wait)
+        stop_watch = asyncio.create_task(self._wake_on(stopping))
+        try:
+            while not stopping.is_set():
+                # Cleared before looking for work, never after: a wake() that lands while this
+                # iteration reads the store (a task just finished, a watch just registered) must
+                # cut the coming sleep short, not be lost to it.
+                self._woken = False
+                try:
+                    wait = await self._run_once()
+                except StoreUnavailable as exc:
+                    self._store_unavailable(exc)
+                    wait = IDLE_WAIT_S
+                await self._sleep(wait)
+        finally:
+            stop_watch.cancel()
         if self._in_flight:
             await asyncio.gather(*self._in_flight, return_exceptions=True)
 
+    async def _wake_on(self, stopping: asyncio.Event) -> None:
+        await stopping.wait()
+        self.wake()
+
     async def _run_once(self) -> float:
         now = self._clock()
-        free = self._concurrency - len(self._in_flight)
-        if self._in_flight and free < self._claim_batch:
+        free = self._concurrency - self._active
+        if self._active and free < self._claim_batch:
             return IDLE_WAIT_S  # the items finishing meanwhile wake this loop
         items = await self._claim(now, free)
+        self._active += len(items)
         for item in items:
             task = asyncio.create_task(self._handle_guarded(item))
             self._in_flight.add(task)
             task.add_done_callback(self._in_flight.discard)
         if items and len(items) == free:
             return 0.0  # the pool is full; go round, and wait for a finishing item there
-        if len(self._in_flight) >= self._concurrency:
-            return IDLE_WAIT_S  # a finishing item sets the wake event
+        if self._active >= self._concurrency:
+            return IDLE_WAIT_S  # a finishing item wakes this loop
         due = await self._next_due_at(now)
         if due is None:
             return IDLE_WAIT_S
         return min(IDLE_WAIT_S, due - self._clock())
 
-    async def _sleep(self, stopping: asyncio.Event, seconds: float) -> None:
+    async def _sleep(self, seconds: float) -> None:
+        """Idle up to `seconds`, or until wake()."""
         if seconds <= 0:
             await asyncio.sleep(0)
             return
-        waiters = [asyncio.ensure_future(self._wake.wait()), asyncio.ensure_future(stopping.wait())]
+        if self._woken:
+            return
+        loop = asyncio.get_running_loop()
+        waiter = self._waiter = loop.create_future()
+        timer = loop.call_later(seconds, _resolve, waiter)
         try:
-            await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+            await waiter
         finally:
-            for waiter in waiters:
-                waiter.cancel()
+            timer.cancel()
+            self._waiter = None
 
     async def _handle_guarded(self, item: J) -> None:
         try:
@@ -128,7 +151,11 @@ class WorkLoop(abc.ABC, Generic[J]):
             self._metrics.loop_errors.labels(self.name).inc()
             self.log.exception("work_item_crashed", extra={"loop": self.name})
         finally:
-            self._wake.set()
+            # A full pool claims again only once a batch's worth of slots is free (see
+            # _run_once): waking it for less would only send it back to sleep.
+            self._active -= 1
+            if self._concurrency - self._active >= self._claim_batch:
+                self.wake()
 
     def _store_unavailable(self, exc: StoreUnavailable) -> None:
         self._metrics.store_errors.inc()
@@ -149,3 +176,8 @@ class WorkLoop(abc.ABC, Generic[J]):
             except StoreUnavailable as exc:
                 self._store_unavailable(exc)
             logs.event(self.log, "work_handed_back", logging.WARNING, count=len(cut_short))
+
+
+def _resolve(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
