@@ -213,7 +213,7 @@ def rows(doc: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
 
 
 def _ceiling_rows(c: dict[str, Any], add: Add) -> None:
-    add("ceiling", "bare aiohttp GET/s (c=64)", f"{c['requests_per_s']:,.0f}/s")
+    add("ceiling", "bare aiohttp GET/s (c=64, uvloop)", f"{c['requests_per_s']:,.0f}/s")
     add("", "latency p50 / p99", _ms(c["latency_ms"], "p50", "p99"))
     add("", "client / upstream CPU per 1,000 GETs",
         f"{c['client_cpu_s_per_1k']:.3f} / {c['upstream_cpu_s_per_1k']:.3f} s")  # fmt: skip

@@ -265,7 +265,7 @@ async def ceiling(b: Bench) -> dict[str, Any]:
             "duration_s": plan.ceiling_s,
             "warmup_s": plan.ceiling_warmup_s,
             "task_ids": plan.polls_watches,
-            "client": "aiohttp ClientSession, keep-alive, own process, asyncio loop",
+            "client": f"aiohttp ClientSession, keep-alive, own process, {result['loop']} loop",
         },
     }
 
