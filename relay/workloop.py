@@ -21,6 +21,10 @@ J = TypeVar("J")
 
 IDLE_WAIT_S = 1.0
 CLAIM_BATCH_DIVISOR = 8
+# Idling until work falls due, the loop sleeps this much longer, so the items falling due meanwhile
+# are claimed together: one claim transaction, and results written together, for many items
+# instead of one each. Items run at most this late (the lag target is 100 ms).
+DUE_BATCH_WINDOW_S = 0.01
 
 
 class WorkLoop(abc.ABC, Generic[J]):
@@ -120,7 +124,8 @@ class WorkLoop(abc.ABC, Generic[J]):
         due = await self._next_due_at(now)
         if due is None:
             return IDLE_WAIT_S
-        return min(IDLE_WAIT_S, due - self._clock())
+        wait = due - self._clock()
+        return min(IDLE_WAIT_S, wait + DUE_BATCH_WINDOW_S if wait > 0 else wait)
 
     async def _sleep(self, seconds: float) -> None:
         """Idle up to `seconds`, or until wake()."""

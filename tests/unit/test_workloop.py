@@ -9,7 +9,7 @@ import time
 from prometheus_client import CollectorRegistry
 
 from relay.metrics import Metrics
-from relay.workloop import IDLE_WAIT_S, WorkLoop
+from relay.workloop import DUE_BATCH_WINDOW_S, IDLE_WAIT_S, WorkLoop
 
 
 class WokenWhileLooking(WorkLoop[int]):
@@ -53,3 +53,39 @@ async def test_a_wake_that_lands_while_the_loop_reads_the_store_is_not_lost() ->
         stopping.set()
         await runner
     assert loop.claims[1] - loop.claims[0] < IDLE_WAIT_S / 2
+
+
+class DueAt(WorkLoop[int]):
+    """Nothing due now; the next item falls due `due_in` seconds after a fixed clock."""
+
+    name = "test"
+    log = logging.getLogger("test.workloop")
+
+    def __init__(self, due_in: float) -> None:
+        super().__init__(metrics=Metrics(CollectorRegistry()), concurrency=4, clock=lambda: 100.0)
+        self.due_in = due_in
+
+    async def _claim(self, now: float, free: int) -> list[int]:
+        return []
+
+    async def _next_due_at(self, now: float) -> float | None:
+        return now + self.due_in
+
+    async def _handle(self, item: int) -> None:
+        raise AssertionError("nothing is ever claimed")
+
+    async def _hand_back(self, items: list[int], now: float) -> None:
+        raise AssertionError("nothing is ever claimed")
+
+
+async def test_an_idle_loop_sleeps_past_the_next_due_time_to_claim_what_falls_due_with_it() -> None:
+    """Items falling due within DUE_BATCH_WINDOW_S of each other are claimed in one go."""
+    assert 0.25 + DUE_BATCH_WINDOW_S == await DueAt(0.25)._run_once()
+
+
+async def test_work_already_overdue_is_claimed_without_waiting_for_the_window() -> None:
+    assert -0.5 == await DueAt(-0.5)._run_once()
+
+
+async def test_the_batching_window_never_stretches_the_idle_wait() -> None:
+    assert IDLE_WAIT_S == await DueAt(5.0)._run_once()
