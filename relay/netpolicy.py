@@ -206,7 +206,9 @@ def check_callback_url_syntax(url: str) -> URL:
         raise CallbackUrlRejected(f"callbackUrl is longer than {MAX_URL_LENGTH} characters")
     try:
         parsed = URL(url)
-    except ValueError:  # yarl's message may quote the URL, credentials and all
+    # yarl's message may quote the URL, credentials and all. IndexError: yarl 1.25 raises it for
+    # some bracketed hosts (`http://[]@/`) where it means ValueError; found by the property test.
+    except (ValueError, IndexError):
         raise CallbackUrlRejected("callbackUrl is not a valid URL") from None
     if parsed.scheme not in ("http", "https"):
         raise CallbackUrlRejected("callbackUrl must be an absolute http or https URL")

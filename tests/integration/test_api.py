@@ -401,6 +401,12 @@ BIG_METADATA = {"x": "m" * 4089}
             id="url-bad-port",
         ),
         pytest.param(
+            {"taskId": TASK, "callbackUrl": "http://[]@/"},
+            "callbackUrl",
+            "callbackUrl is not a valid URL",
+            id="url-yarl-index-error",  # yarl 1.25 raises IndexError here, not ValueError
+        ),
+        pytest.param(
             {"taskId": TASK, "callbackUrl": LONG_URL},
             "callbackUrl",
             "callbackUrl is longer than 2048 characters",
