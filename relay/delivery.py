@@ -27,7 +27,10 @@ from relay.store.base import Store, StoreUnavailable
 from relay.workloop import WorkLoop
 
 USER_AGENT = f"hiapi-relay/{__version__}"
-# A callback whose receiver is at its in-flight bound looks again this much later.
+# A callback whose receiver is at its in-flight bound waits this long at most: as soon as one of
+# that receiver's attempts ends, its waiting callbacks are due again (a busy fast receiver is
+# not held to RELAY_DELIVERY_PER_HOST callbacks a second). The time is the fallback for when
+# that cannot happen here (this replica stops, or the attempts in flight hang).
 HOST_BUSY_DEFER_S = 1.0
 
 
@@ -144,6 +147,8 @@ class Deliverer(WorkLoop[DeliveryJob]):
         super().__init__(metrics=metrics, concurrency=concurrency, clock=clock)
         self._per_host = per_host
         self._host_in_flight: Counter[str] = Counter()
+        # Callbacks deferred because their receiver was busy: receiver -> deferred-to time -> ids.
+        self._parked: dict[str, dict[float, list[str]]] = {}
         self._store = store
         self._sender = sender
         self._policy = policy
@@ -152,11 +157,12 @@ class Deliverer(WorkLoop[DeliveryJob]):
 
     async def _claim(self, now: float, free: int) -> list[DeliveryJob]:
         jobs = await self._store.claim_due_deliveries(now=now, limit=free, lease_s=self._lease_s)
-        accepted, busy = [], []
+        accepted: list[DeliveryJob] = []
+        busy: dict[str, list[str]] = {}
         for job in jobs:
             host = receiver_key(job.callback_url)
             if self._host_in_flight[host] >= self._per_host:
-                busy.append(job.watch_id)
+                busy.setdefault(host, []).append(job.watch_id)
                 continue
             self._host_in_flight[host] += 1  # given back when the attempt ends (_handle)
             accepted.append(job)
@@ -164,16 +170,40 @@ class Deliverer(WorkLoop[DeliveryJob]):
         if busy:
             # One slow receiver must not take every slot from the healthy ones: its other
             # callbacks wait, without an attempt counted, until it has a slot free.
+            deferred_to = now + HOST_BUSY_DEFER_S
             try:
-                await self._store.defer_deliveries(busy, due_at=now + HOST_BUSY_DEFER_S)
+                await self._store.defer_deliveries(
+                    [i for ids in busy.values() for i in ids], due_at=deferred_to
+                )
             except StoreUnavailable as exc:
                 # The accepted ones hold receiver slots already and must still run (their
                 # attempts give the slots back); the busy ones fall due when their claim's
                 # lease ends. Raising here would strand both: slots counted, never released.
                 self._store_unavailable(exc)
             else:
-                self._metrics.callbacks_deferred.labels("receiver_busy").inc(len(busy))
+                self._metrics.callbacks_deferred.labels("receiver_busy").inc(
+                    sum(len(ids) for ids in busy.values())
+                )
+                for host, ids in busy.items():
+                    self._parked.setdefault(host, {}).setdefault(deferred_to, []).extend(ids)
         return accepted
+
+    async def _unpark(self, host: str) -> None:
+        """A slot of `host` is free: its parked callbacks are due now, not when the deferral ends.
+
+        If the store cannot take that now, they fall due when the deferral ends: nothing is lost.
+        """
+        now = self._clock()
+        hastened = False
+        try:
+            for deferred_to, ids in self._parked.pop(host, {}).items():
+                if now < deferred_to:  # else due already
+                    await self._store.hasten_deliveries(ids, deferred_to=deferred_to, due_at=now)
+                    hastened = True
+        except StoreUnavailable as exc:
+            self._store_unavailable(exc)
+        if hastened:
+            self.wake()
 
     async def _hand_back(self, items: list[DeliveryJob], now: float) -> None:
         await self._store.defer_deliveries([j.watch_id for j in items], due_at=now)
@@ -214,3 +244,5 @@ class Deliverer(WorkLoop[DeliveryJob]):
             http_status=result.http_status,
             detail=record.last_error,
         )
+        if host in self._parked and self._host_in_flight[host] < self._per_host:
+            await self._unpark(host)

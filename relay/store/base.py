@@ -80,6 +80,13 @@ class Store(Protocol):
         """Move claimed callbacks to `due_at` without counting an attempt (handed back, or their
         receiver already has its share of attempts in flight)."""
 
+    async def hasten_deliveries(
+        self, watch_ids: Sequence[str], *, deferred_to: float, due_at: float
+    ) -> None:
+        """Bring callbacks deferred to `deferred_to` forward to `due_at` (their receiver has a
+        slot free). A callback whose due time has moved since (claimed again by a replica, its
+        attempt recorded) is left alone."""
+
     async def next_poll_due_at(self) -> float | None:
         """The earliest time a poll or a watch deadline falls due."""
 

@@ -587,6 +587,21 @@ class PostgresStore:
         if watch_ids:
             await self._run(defer)
 
+    async def hasten_deliveries(
+        self, watch_ids: Sequence[str], *, deferred_to: float, due_at: float
+    ) -> None:
+        async def hasten(conn: Conn) -> None:
+            await conn.execute(
+                "UPDATE watches SET next_delivery_at = $1 WHERE watch_id = ANY($2::text[])"
+                " AND state = 'delivering' AND next_delivery_at = $3",
+                due_at,
+                sorted(watch_ids),
+                deferred_to,
+            )
+
+        if watch_ids:
+            await self._run(hasten)
+
     # --- schedule and gauges ----------------------------------------------------------------------
 
     async def next_poll_due_at(self) -> float | None:

@@ -606,6 +606,19 @@ class SQLiteStore:
         if watch_ids:
             await self._write(defer)
 
+    async def hasten_deliveries(
+        self, watch_ids: Sequence[str], *, deferred_to: float, due_at: float
+    ) -> None:
+        def hasten(conn: sqlite3.Connection) -> None:
+            conn.executemany(
+                "UPDATE watches SET next_delivery_at = ? WHERE watch_id = ?"
+                " AND state = 'delivering' AND next_delivery_at = ?",
+                [(due_at, watch_id, deferred_to) for watch_id in watch_ids],
+            )
+
+        if watch_ids:
+            await self._write(hasten)
+
     # --- schedule and gauges ----------------------------------------------------------------------
 
     async def next_poll_due_at(self) -> float | None:

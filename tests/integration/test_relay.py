@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 
 from relay import signing
+from relay.delivery import receiver_key
+from relay.state import DELIVERER
 from tests.conftest import SIGNING_SECRET, Receiver, Relay, RelayFactory, Upstream
 
 TASK = "tk-hiapi-01HZTQ8BX2N3GM3YFK4Z9D7VQR"
@@ -442,7 +444,8 @@ async def test_revoked_api_key_pauses_all_polling_with_backoff(
 async def test_one_receiver_gets_at_most_its_share_of_attempts_in_flight(
     make_relay: RelayFactory, upstream: Upstream, receiver: Receiver
 ) -> None:
-    """20 callbacks to one receiver, RELAY_DELIVERY_PER_HOST=8: 8 go, 12 wait 1 s uncounted."""
+    """20 callbacks to one receiver, RELAY_DELIVERY_PER_HOST=8: 8 go, 12 wait uncounted until
+    one of the 8 ends, then go as slots free, not a second later."""
     relay = await make_relay(delivery_per_host=8)
     watches = []
     for i in range(20):
@@ -455,7 +458,27 @@ async def test_one_receiver_gets_at_most_its_share_of_attempts_in_flight(
     waiting = [await relay.watch(w["watchId"]) for w in watches]
     assert 12 == sum(1 for w in waiting if w["state"] == "delivering")
     assert {0} == {w["deliveryAttempts"] for w in waiting if w["state"] == "delivering"}
-    assert 0 == await relay.deliver(0.9)
-    assert 8 == await relay.deliver(0.1)
-    assert 4 == await relay.deliver(1.0)
+    assert 8 == await relay.deliver()  # the clock has not moved
+    assert 4 == await relay.deliver()
     assert 20 == len(receiver.requests)
+    assert 16.0 == relay.sample("relay_callbacks_deferred_total", {"reason": "receiver_busy"})
+
+
+async def test_callbacks_waiting_for_a_receiver_whose_attempts_hang_go_after_one_second(
+    make_relay: RelayFactory, upstream: Upstream, receiver: Receiver
+) -> None:
+    """No attempt of the busy receiver ends: its waiting callbacks fall due after 1 s anyway."""
+    relay = await make_relay(delivery_per_host=1)
+    for i in range(2):
+        await upstream.flip(f"{TASK}{i}", "success")
+        await relay.register(f"{TASK}{i}", receiver.at(f"/h{i}"))
+    await relay.poll()
+    deliverer = relay.app[DELIVERER]
+    # One attempt holds the receiver's only slot and never ends within this test.
+    deliverer._host_in_flight[receiver_key(receiver.at("/"))] = 1
+
+    assert 0 == await relay.deliver()
+    assert 0 == await relay.deliver(0.9)
+    deliverer._host_in_flight.clear()
+    assert 1 == await relay.deliver(0.1)  # due after 1 s; one slot, so one goes...
+    assert 1 == await relay.deliver()  # ...and the other as soon as it ends

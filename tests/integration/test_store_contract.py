@@ -947,6 +947,26 @@ async def test_deferred_callback_comes_back_without_an_attempt_counted(store: St
     assert WatchState.CANCELLED == (await get(store, "wt_2")).state
 
 
+async def test_hastened_callbacks_are_due_at_once_unless_their_due_time_moved_since(
+    store: Store,
+) -> None:
+    """Only callbacks still at the deferral they were parked at come forward: one claimed again
+    meanwhile (its due time is now its lease) keeps its lease."""
+    for n in (1, 2):
+        await register(store, f"wt_{n}", callback_url=f"{HOOK}/{n}")
+    await store.apply_poll_results([finish()], now=T0 + 1)
+    await store.claim_due_deliveries(now=T0 + 2, limit=10, lease_s=LEASE)
+    await store.defer_deliveries(["wt_1", "wt_2"], due_at=T0 + 3)
+    [reclaimed] = await store.claim_due_deliveries(now=T0 + 3, limit=1, lease_s=LEASE)
+
+    await store.hasten_deliveries(["wt_1", "wt_2"], deferred_to=T0 + 3, due_at=T0 + 2.5)
+
+    [hastened] = await store.claim_due_deliveries(now=T0 + 2.5, limit=10, lease_s=LEASE)
+    assert {"wt_1", "wt_2"} == {reclaimed.watch_id, hastened.watch_id}
+    assert (0, T0 + 2.5) == (hastened.attempts, hastened.due_at)
+    assert [] == await store.claim_due_deliveries(now=T0 + 3 + LEASE - 1, limit=10, lease_s=LEASE)
+
+
 # --- PostgreSQL only ------------------------------------------------------------------------------
 
 
