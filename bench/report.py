@@ -249,6 +249,17 @@ def _notify_rows(n: dict[str, Any], add: Add) -> None:
     add("", "cores used: relay / upstream / rest", _cores(n["cpu"], "relay", "upstream"))
 
 
+def _burst_rows(n: dict[str, Any], add: Add) -> None:
+    drained = n["all_delivered_after_s"]
+    add("burst", f"{n['expected']:,} tasks end at once, one receiver",
+        f"all delivered after {drained:.2f} s ({n['received'] / drained:,.0f} callbacks/s)")  # fmt: skip
+    add("", "flip -> 2xx p50 / p99 / max", _ms(n["latency_ms"], "p50", "p99", "max"))
+    add("", "received / expected (duplicates)",
+        f"{n['received']} / {n['expected']} ({n['duplicates']})")  # fmt: skip
+    add("", "deferred: receiver at its 8 in flight", f"{n['deferred_receiver_busy']:,.0f}")
+    add("", "cores used: relay / upstream / rest", _cores(n["cpu"], "relay", "upstream"))
+
+
 def _scale_rows(s: dict[str, Any], add: Add) -> None:
     add("scale", "baseline relay RSS (0 watches)", _bytes(s["baseline"]["rss_bytes"]))
     for size in s["sizes"]:
@@ -288,6 +299,7 @@ _ROWS: dict[str, Callable[[dict[str, Any], Add], None]] = {
     "registration": _registration_rows,
     "polls": _polls_rows,
     "notify": _notify_rows,
+    "burst": _burst_rows,
     "scale": _scale_rows,
     "replicas": _replicas_rows,
 }

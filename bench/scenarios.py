@@ -71,6 +71,7 @@ class Plan:
     notify_watches: int = 500
     notify_rate: float = 50.0
     notify_interval_s: float = 1.0
+    burst_watches: int = 2000
     scale_sizes: tuple[int, ...] = (10_000, 100_000, 1_000_000)
     scale_base_interval_s: float = 60.0  # RELAY_POLL_MAX_S's default
     scale_demand_cap: float = 100_000 / 60.0  # polls/s; larger sizes get a longer interval
@@ -98,6 +99,7 @@ QUICK = Plan(
     polls_window_s=3.0,
     notify_watches=60,
     notify_interval_s=0.5,
+    burst_watches=200,
     scale_sizes=(10_000,),
     scale_warmup_s=1.5,
     scale_window_s=3.0,
@@ -395,6 +397,18 @@ async def _window(
 
 async def notify(b: Bench) -> dict[str, Any]:
     """Tasks pinned to handling, flipped to success at a steady rate: flip -> receiver's arrival."""
+    return await _flip_and_measure(b, "notify", b.plan.notify_watches, b.plan.notify_rate)
+
+
+async def burst(b: Bench) -> dict[str, Any]:
+    """Tasks pinned to handling, all flipped to success at once, all calling back one receiver:
+    how fast one receiver's backlog drains (RELAY_DELIVERY_PER_HOST attempts at a time)."""
+    return await _flip_and_measure(b, "burst", b.plan.burst_watches, None)
+
+
+async def _flip_and_measure(b: Bench, name: str, count: int, rate: float | None) -> dict[str, Any]:
+    """Pin `count` tasks to handling, watch them with one receiver, flip them to success at
+    `rate` a second (None: all at once) and measure flip -> the receiver's arrival."""
     plan = b.plan
     interval = str(plan.notify_interval_s)
     settings = {
@@ -406,33 +420,36 @@ async def notify(b: Bench) -> dict[str, Any]:
         "RELAY_SIGNING_SECRET": generate_secret(),
     }
     upstream = await b.fake_upstream()
-    prefix = f"tk-hiapi-slow-notify-{b.tag}-"
-    ids = [f"{prefix}{i}" for i in range(plan.notify_watches)]
+    prefix = f"tk-hiapi-slow-{name}-{b.tag}-"
+    ids = [f"{prefix}{i}" for i in range(count)]
     control = f"{upstream.url}/_fake/tasks"
     async with AsyncExitStack() as stack:
         port = free_port()
         receiver = Child(
             "receiver", ["-m", "bench.receiver", "--port", str(port)],
-            b.workdir / "receiver.log", port=port,
+            b.workdir / f"{name}-receiver.log", port=port,
         )  # fmt: skip
         await launch(stack, b.session, receiver, ready_path="/_recv/stats")
         await _bounded(16, [_pin(b, f"{control}/{t}", "handling") for t in ids])
-        relay, _ = await b.relay(stack, "notify", settings)
-        await b.register(relay, "notify-register", prefix, len(ids), f"{receiver.url}/hook")
+        relay, _ = await b.relay(stack, name, settings)
+        await b.register(relay, f"{name}-register", prefix, len(ids), f"{receiver.url}/hook")
         # Two intervals: every stream has had its first poll and runs at its steady pace.
         await asyncio.sleep(2 * plan.notify_interval_s)
         before = await b.scrape(relay)
         meter = CpuMeter({"relay": relay, "upstream": upstream, "receiver": receiver})
-        profile = await b.profile(relay, "notify", len(ids) / plan.notify_rate)
+        profile = await b.profile(relay, name, len(ids) / (rate or len(ids)))
         start = time.monotonic()
-        for n, task in enumerate(ids):
-            await sleep_until(start + n / plan.notify_rate)
-            await _pin(b, f"{control}/{task}", "success")
+        if rate is None:
+            await _bounded(16, [_pin(b, f"{control}/{t}", "success") for t in ids])
+        else:
+            for n, task in enumerate(ids):
+                await sleep_until(start + n / rate)
+                await _pin(b, f"{control}/{task}", "success")
         flipping_s = time.monotonic() - start
-        deadline = time.monotonic() + 3 * plan.notify_interval_s + 10
+        deadline = time.monotonic() + 3 * plan.notify_interval_s + 60
         stats = await b.get_json(f"{receiver.url}/_recv/stats")
         while len(stats["arrivals"]) < len(ids) and time.monotonic() < deadline:
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(0.05)
             stats = await b.get_json(f"{receiver.url}/_recv/stats")
         cpu = meter.stop()
         profiled = await b.profile_result(profile)
@@ -443,6 +460,9 @@ async def notify(b: Bench) -> dict[str, Any]:
     delivered = delta(before, after, "relay_terminal_to_delivered_seconds_count")
     delivery_sum = delta(before, after, "relay_terminal_to_delivered_seconds_sum")
     jitter = Settings().poll_jitter  # RELAY_POLL_JITTER is left at its default
+    arrivals = [stats["arrivals"][t] for t in ids if t in stats["arrivals"]]
+    first_flip = min(flips[t] for t in ids if t in flips) if flips else math.nan
+    drained_s = (max(arrivals) - first_flip) if arrivals else math.nan
     return {
         "latency_ms": summary,
         "received": len(latencies),
@@ -453,13 +473,17 @@ async def notify(b: Bench) -> dict[str, Any]:
         "poll_interval_min_with_jitter_s": plan.notify_interval_s * (1 - jitter),
         "seen_to_delivered_mean_ms": 1000 * delivery_sum / delivered if delivered else math.nan,
         "flip_rate_per_s": len(ids) / flipping_s if flipping_s else math.nan,
+        "all_delivered_after_s": drained_s,
+        "deferred_receiver_busy": delta(before, after, "relay_callbacks_deferred_total",
+                                        reason="receiver_busy"),
         "cpu": cpu,
         "profile": profiled,
         "config": {
             "watches": len(ids),
-            "flip_rate_per_s": plan.notify_rate,
+            "flip_rate_per_s": rate if rate is not None else "all at once",
             "relay": settings | {"RELAY_SIGNING_SECRET": "(generated)",
-                                 "RELAY_POLL_JITTER": f"{jitter:g} (default)"},
+                                 "RELAY_POLL_JITTER": f"{jitter:g} (default)",
+                                 "RELAY_DELIVERY_PER_HOST": "8 (default)"},
         },
     }  # fmt: skip
 
@@ -681,6 +705,7 @@ SCENARIOS: dict[str, Callable[[Bench], Awaitable[dict[str, Any]]]] = {
     "registration": registration,
     "polls": polls,
     "notify": notify,
+    "burst": burst,
     "scale": scale,
     "replicas": replicas,
 }

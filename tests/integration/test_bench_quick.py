@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RUN_TIMEOUT_S = 120.0
-SCENARIOS = ["ceiling", "notify", "polls", "registration", "replicas", "scale"]
+SCENARIOS = ["burst", "ceiling", "notify", "polls", "registration", "replicas", "scale"]
 
 
 def _number(value: Any) -> bool:
@@ -38,6 +38,8 @@ def _figures(doc: dict[str, Any]) -> dict[str, Any]:
         "notify.latency_ms.p99": s["notify"]["latency_ms"]["p99"],
         "notify.latency_ms.max": s["notify"]["latency_ms"]["max"],
         "notify.poll_interval_s": s["notify"]["poll_interval_s"],
+        "burst.all_delivered_after_s": s["burst"]["all_delivered_after_s"],
+        "burst.latency_ms.p99": s["burst"]["latency_ms"]["p99"],
         "scale.baseline.rss_bytes": s["scale"]["baseline"]["rss_bytes"],
         "scale.watches": size["watches"],
         "scale.scheduler_lag_p99_s": size["scheduler_lag_p99_s"],
