@@ -7,12 +7,15 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
 import aiohttp
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 READY_TIMEOUT_S = 20.0
 
@@ -24,6 +27,52 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+@dataclass
+class Loopback:
+    """A fake task API and a callback receiver (POST /hook/{n}), both servers on 127.0.0.1."""
+
+    upstream: TestServer
+    receiver: TestServer
+
+    @property
+    def upstream_url(self) -> str:
+        return str(self.upstream.make_url("")).rstrip("/")
+
+    def hook(self, n: object) -> str:
+        return str(self.receiver.make_url(f"/hook/{n}"))
+
+    def relay_env(self, tmp_path: Path, **settings: str) -> dict[str, str]:
+        """A `relay serve` environment on a SQLite file in `tmp_path`, polling this upstream
+        and allowed to call back loopback receivers; `settings` add or override RELAY_* ones."""
+        return {
+            "RELAY_STORE_URL": f"sqlite:///{tmp_path / 'relay.db'}",
+            "RELAY_UPSTREAM_URL": self.upstream_url,
+            "RELAY_CALLBACK_ALLOW_NETS": "127.0.0.0/8",
+            **settings,
+        }
+
+
+@asynccontextmanager
+async def loopback(
+    upstream_app: web.Application,
+    receive: Callable[[web.Request], Awaitable[web.StreamResponse]],
+) -> AsyncIterator[Loopback]:
+    """Serve `upstream_app` and a receiver whose POST /hook/{n} runs `receive`; close both."""
+    receiver_app = web.Application()
+    receiver_app.router.add_post("/hook/{n}", receive)
+    servers = Loopback(
+        upstream=TestServer(upstream_app, host="127.0.0.1"),
+        receiver=TestServer(receiver_app, host="127.0.0.1"),
+    )
+    try:
+        await servers.upstream.start_server()
+        await servers.receiver.start_server()
+        yield servers
+    finally:
+        await servers.receiver.close()
+        await servers.upstream.close()
 
 
 @dataclass

@@ -11,10 +11,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 
 from relay.fake_upstream import Schedule, create_fake_upstream_app
-from tests.processes import RelayProcess, settle
+from tests.processes import RelayProcess, loopback, settle
 
 pytestmark = pytest.mark.slow
 
@@ -38,63 +37,54 @@ async def test_sigterm_mid_delivery_exits_0_within_the_bound_and_loses_nothing(
             await asyncio.sleep(30)  # far past the relay's shutdown bound
         return web.Response(status=204)
 
-    receiver_app = web.Application()
-    receiver_app.router.add_post("/hook/{n}", receive)
-    receiver = TestServer(receiver_app, host="127.0.0.1")
-    upstream = TestServer(
+    async with loopback(
         create_fake_upstream_app(schedule=Schedule(queued_s=0, handling_s=0, archiving_s=0)),
-        host="127.0.0.1",
-    )
-    await receiver.start_server()
-    await upstream.start_server()
-    relay = RelayProcess(
-        env={
-            "RELAY_STORE_URL": f"sqlite:///{tmp_path / 'relay.db'}",
-            "RELAY_UPSTREAM_URL": str(upstream.make_url("")).rstrip("/"),
-            "RELAY_CALLBACK_ALLOW_NETS": "127.0.0.0/8",
-            "RELAY_DELIVERY_TIMEOUT_S": "60",
-            "RELAY_DELIVERY_LEASE_S": "120",
-            "RELAY_DELIVERY_PER_HOST": "32",
-            "RELAY_SHUTDOWN_TIMEOUT_S": str(SHUTDOWN_TIMEOUT_S),
-        },
-        log_path=tmp_path / "relay.log",
-    )
-    try:
-        await relay.start()
-        async with aiohttp.ClientSession() as session:
-            for n in range(WATCHES):
-                payload = {
-                    "taskId": f"tk-hiapi-stop-{n}",
-                    "callbackUrl": str(receiver.make_url(f"/hook/{n}")),
-                }
-                async with session.post(f"{relay.url}/watch", json=payload) as response:
-                    assert 201 == response.status
-
-            async def arrived() -> int:
-                return len(arrivals)
-
-            assert WATCHES == await settle(arrived, WATCHES, timeout=20)
-            started = time.monotonic()
-            assert 0 == await relay.stop(signal.SIGTERM)
-            stop_took = time.monotonic() - started
-            log = relay.log_path.read_text()
-            assert '"event":"work_handed_back"' in log
-
-            # Restarted, with a healthy receiver: the handed-back callbacks go at once, not after
-            # their 120 s lease.
-            hang.set()
+        receive,
+    ) as net:
+        relay = RelayProcess(
+            env=net.relay_env(
+                tmp_path,
+                RELAY_DELIVERY_TIMEOUT_S="60",
+                RELAY_DELIVERY_LEASE_S="120",
+                RELAY_DELIVERY_PER_HOST="32",
+                RELAY_SHUTDOWN_TIMEOUT_S=str(SHUTDOWN_TIMEOUT_S),
+            ),
+            log_path=tmp_path / "relay.log",
+        )
+        try:
             await relay.start()
+            async with aiohttp.ClientSession() as session:
+                for n in range(WATCHES):
+                    payload = {
+                        "taskId": f"tk-hiapi-stop-{n}",
+                        "callbackUrl": net.hook(n),
+                    }
+                    async with session.post(f"{relay.url}/watch", json=payload) as response:
+                        assert 201 == response.status
 
-            async def redelivered() -> int:
-                return sum(1 for count in arrivals.values() if count >= 2)
+                async def arrived() -> int:
+                    return len(arrivals)
 
-            assert WATCHES == await settle(redelivered, WATCHES, timeout=20)
-        print(f"\ngraceful stop: {held} held, exit 0 after {stop_took:.2f} s, all redelivered")
-        # Shutdown bound plus aiohttp's own teardown; far below the 30 s the receiver holds.
-        assert stop_took < SHUTDOWN_TIMEOUT_S * 2 + 3
-        assert 0 == await relay.stop()
-    finally:
-        if relay.proc is not None and relay.proc.returncode is None:
-            await relay.stop()
-        await receiver.close()
-        await upstream.close()
+                assert WATCHES == await settle(arrived, WATCHES, timeout=20)
+                started = time.monotonic()
+                assert 0 == await relay.stop(signal.SIGTERM)
+                stop_took = time.monotonic() - started
+                log = relay.log_path.read_text()
+                assert '"event":"work_handed_back"' in log
+
+                # Restarted, with a healthy receiver: the handed-back callbacks go at once, not after
+                # their 120 s lease.
+                hang.set()
+                await relay.start()
+
+                async def redelivered() -> int:
+                    return sum(1 for count in arrivals.values() if count >= 2)
+
+                assert WATCHES == await settle(redelivered, WATCHES, timeout=20)
+            print(f"\ngraceful stop: {held} held, exit 0 after {stop_took:.2f} s, all redelivered")
+            # Shutdown bound plus aiohttp's own teardown; far below the 30 s the receiver holds.
+            assert stop_took < SHUTDOWN_TIMEOUT_S * 2 + 3
+            assert 0 == await relay.stop()
+        finally:
+            if relay.proc is not None and relay.proc.returncode is None:
+                await relay.stop()

@@ -17,7 +17,6 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 
 from relay import signing
 from relay.fake_upstream import (
@@ -28,7 +27,7 @@ from relay.fake_upstream import (
     create_fake_upstream_app,
 )
 from tests.conftest import SIGNING_SECRET
-from tests.processes import RelayProcess, settle
+from tests.processes import RelayProcess, loopback, settle
 
 pytestmark = pytest.mark.slow
 
@@ -95,22 +94,15 @@ class Rig:
 @pytest.fixture
 async def rig() -> AsyncIterator[Rig]:
     app = create_fake_upstream_app(api_key="k", schedule=SCHEDULE)
-    upstream = TestServer(app, host="127.0.0.1")
     fake = app[FAKE_UPSTREAM_KEY]
     recorder = Recorder(fake)
-    receiver_app = web.Application()
-    receiver_app.router.add_post("/hook/{n}", recorder.handle)
-    receiver = TestServer(receiver_app, host="127.0.0.1")
-    await upstream.start_server()
-    await receiver.start_server()
-    yield Rig(
-        upstream_url=str(upstream.make_url("")).rstrip("/"),
-        callback_url=str(receiver.make_url("")).rstrip("/"),
-        fake=fake,
-        recorder=recorder,
-    )
-    await receiver.close()
-    await upstream.close()
+    async with loopback(app, recorder.handle) as net:
+        yield Rig(
+            upstream_url=net.upstream_url,
+            callback_url=str(net.receiver.make_url("")).rstrip("/"),
+            fake=fake,
+            recorder=recorder,
+        )
 
 
 def relay_process(tmp_path: Path, upstream_url: str) -> RelayProcess:

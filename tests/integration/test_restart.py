@@ -10,12 +10,11 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 
 from relay import signing
 from relay.fake_upstream import Schedule, create_fake_upstream_app
 from tests.conftest import SIGNING_SECRET
-from tests.processes import RelayProcess, settle
+from tests.processes import RelayProcess, loopback, settle
 
 pytestmark = pytest.mark.slow
 
@@ -51,21 +50,12 @@ class CountingReceiver:
 @pytest.fixture
 async def servers() -> AsyncIterator[tuple[str, str, CountingReceiver]]:
     # Real time here: the relay is another process. Tasks end 0.3-1.2 s after their first poll.
-    upstream = TestServer(
-        create_fake_upstream_app(
-            api_key="k", schedule=Schedule(queued_s=0.3, handling_s=0.6, archiving_s=0.3)
-        ),
-        host="127.0.0.1",
+    upstream_app = create_fake_upstream_app(
+        api_key="k", schedule=Schedule(queued_s=0.3, handling_s=0.6, archiving_s=0.3)
     )
     receiver = CountingReceiver(WATCHES)
-    app = web.Application()
-    app.router.add_post("/hook/{n}", receiver.handle)
-    callback = TestServer(app, host="127.0.0.1")
-    await upstream.start_server()
-    await callback.start_server()
-    yield str(upstream.make_url("")).rstrip("/"), str(callback.make_url("")).rstrip("/"), receiver
-    await upstream.close()
-    await callback.close()
+    async with loopback(upstream_app, receiver.handle) as net:
+        yield net.upstream_url, str(net.receiver.make_url("")).rstrip("/"), receiver
 
 
 async def test_kill_9_mid_run_loses_no_acknowledged_watch(
