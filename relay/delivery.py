@@ -186,23 +186,43 @@ class Deliverer(WorkLoop[DeliveryJob]):
                 )
                 for host, ids in busy.items():
                     self._parked.setdefault(host, {}).setdefault(deferred_to, []).extend(ids)
+                    # Its last attempt may have ended while the deferral was being written.
+                    if self._host_in_flight[host] < self._per_host:
+                        await self._unpark(host)
         return accepted
 
     async def _unpark(self, host: str) -> None:
-        """A slot of `host` is free: its parked callbacks are due now, not when the deferral ends.
+        """A slot of `host` is free: a slot's worth of its parked callbacks (RELAY_DELIVERY_PER_HOST,
+        the earliest parked first) is due now, not when its deferral ends; the rest stay parked
+        for the next slot. Bringing all forward would only have the next claim park them again.
 
         If the store cannot take that now, they fall due when the deferral ends: nothing is lost.
         """
+        groups = self._parked.get(host)
+        if not groups:
+            return
+        # Take the ids before any await: a claim or another unpark may park or take meanwhile.
         now = self._clock()
-        hastened = False
+        room = self._per_host
+        taken: list[tuple[float, list[str]]] = []
+        for deferred_to in sorted(groups):
+            ids = groups.pop(deferred_to)
+            if now >= deferred_to:
+                continue  # due already
+            taken.append((deferred_to, ids[:room]))
+            if ids[room:]:
+                groups[deferred_to] = ids[room:]
+            room -= len(taken[-1][1])
+            if room <= 0:
+                break
+        if not groups:
+            del self._parked[host]
         try:
-            for deferred_to, ids in self._parked.pop(host, {}).items():
-                if now < deferred_to:  # else due already
-                    await self._store.hasten_deliveries(ids, deferred_to=deferred_to, due_at=now)
-                    hastened = True
+            for deferred_to, ids in taken:
+                await self._store.hasten_deliveries(ids, deferred_to=deferred_to, due_at=now)
         except StoreUnavailable as exc:
             self._store_unavailable(exc)
-        if hastened:
+        if taken:
             self.wake()
 
     async def _hand_back(self, items: list[DeliveryJob], now: float) -> None:

@@ -40,14 +40,16 @@ class WorkLoop(abc.ABC, Generic[J]):
         self._woken = False
         self._waiter: asyncio.Future[None] | None = None
         self._in_flight: set[asyncio.Task[None]] = set()
-        # Items being handled; unlike len(_in_flight) it drops the moment an item is done, not
-        # when its task's done-callback runs a loop turn later.
+        # Items claimed and not yet done, counted down by each task's done-callback (which runs
+        # even for a task cancelled before it started).
         self._active = 0
         self._cut_short: list[J] = []
-        # A full pool claims again once this many slots are free, not at every finished item:
+        # A busy pool claims again once this many slots are free, not at every finished item:
         # one claim transaction per few items instead of one per item (half the store's work at
-        # full speed); the slots wait for it a fraction of one item's duration.
+        # full speed). Fewer free slots are claimed for after DUE_BATCH_WINDOW_S at the latest,
+        # so slow items never hold due work back for longer.
         self._claim_batch = max(1, concurrency // CLAIM_BATCH_DIVISOR)
+        self._short_since: float | None = None
 
     @abc.abstractmethod
     async def _claim(self, now: float, free: int) -> list[J]:
@@ -109,14 +111,21 @@ class WorkLoop(abc.ABC, Generic[J]):
     async def _run_once(self) -> float:
         now = self._clock()
         free = self._concurrency - self._active
+        if free <= 0:
+            return IDLE_WAIT_S  # a finishing item wakes this loop
         if self._active and free < self._claim_batch:
-            return IDLE_WAIT_S  # the items finishing meanwhile wake this loop
+            if self._short_since is None:
+                self._short_since = now
+            wait = self._short_since + DUE_BATCH_WINDOW_S - now
+            if wait > 0:
+                return wait  # or sooner: a batch's worth of finishing items wakes this loop
+        self._short_since = None
         items = await self._claim(now, free)
         self._active += len(items)
         for item in items:
             task = asyncio.create_task(self._handle_guarded(item))
             self._in_flight.add(task)
-            task.add_done_callback(self._in_flight.discard)
+            task.add_done_callback(self._item_done)
         if items and len(items) == free:
             return 0.0  # the pool is full; go round, and wait for a finishing item there
         if self._active >= self._concurrency:
@@ -155,12 +164,17 @@ class WorkLoop(abc.ABC, Generic[J]):
         except Exception:
             self._metrics.loop_errors.labels(self.name).inc()
             self.log.exception("work_item_crashed", extra={"loop": self.name})
-        finally:
-            # A full pool claims again only once a batch's worth of slots is free (see
-            # _run_once): waking it for less would only send it back to sleep.
-            self._active -= 1
-            if self._concurrency - self._active >= self._claim_batch:
-                self.wake()
+
+    def _item_done(self, task: asyncio.Task[None]) -> None:
+        # A done-callback, not a finally: it also runs for a task cancelled before it started.
+        self._in_flight.discard(task)
+        self._active -= 1
+        free = self._concurrency - self._active
+        # A busy pool claims once a batch's worth of slots is free (see _run_once): waking it
+        # for less would only send it back to sleep. A full pool's first free slot does wake
+        # it, to start the DUE_BATCH_WINDOW_S it waits at most for the rest of the batch.
+        if free >= self._claim_batch or free == 1:
+            self.wake()
 
     def _store_unavailable(self, exc: StoreUnavailable) -> None:
         self._metrics.store_errors.inc()

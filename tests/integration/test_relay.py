@@ -482,3 +482,32 @@ async def test_callbacks_waiting_for_a_receiver_whose_attempts_hang_go_after_one
     deliverer._host_in_flight.clear()
     assert 1 == await relay.deliver(0.1)  # due after 1 s; one slot, so one goes...
     assert 1 == await relay.deliver()  # ...and the other as soon as it ends
+
+
+async def test_a_receiver_freed_while_its_callbacks_were_being_parked_gets_them_at_once(
+    make_relay: RelayFactory,
+    upstream: Upstream,
+    receiver: Receiver,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The receiver's last attempt ends while the deferral is being written: nothing is left
+    to bring the parked callbacks forward, so the claim itself does, at once."""
+    relay = await make_relay(delivery_per_host=1)
+    for i in range(2):
+        await upstream.flip(f"{TASK}{i}", "success")
+        await relay.register(f"{TASK}{i}", receiver.at(f"/h{i}"))
+    await relay.poll()
+    deliverer = relay.app[DELIVERER]
+    deliverer._host_in_flight[receiver_key(receiver.at("/"))] = 1  # an attempt in flight
+    real_defer = relay.store.defer_deliveries
+
+    async def defer_while_the_attempt_ends(watch_ids: list[str], *, due_at: float) -> None:
+        await real_defer(watch_ids, due_at=due_at)
+        deliverer._host_in_flight.clear()  # ended, and found nothing parked yet
+
+    monkeypatch.setattr(relay.store, "defer_deliveries", defer_while_the_attempt_ends)
+
+    assert 0 == await relay.deliver()
+    assert 1 == await relay.deliver()  # the clock has not moved: not 1 s later
+    assert 1 == await relay.deliver()
+    assert 2 == len(receiver.requests)

@@ -89,3 +89,48 @@ async def test_work_already_overdue_is_claimed_without_waiting_for_the_window() 
 
 async def test_the_batching_window_never_stretches_the_idle_wait() -> None:
     assert IDLE_WAIT_S == await DueAt(5.0)._run_once()
+
+
+class SlowItemsThenOneMore(WorkLoop[int]):
+    """Claims 30 items that hang until released, then (after wake()) one more that is due."""
+
+    name = "test"
+    log = logging.getLogger("test.workloop")
+
+    def __init__(self) -> None:
+        super().__init__(metrics=Metrics(CollectorRegistry()), concurrency=32, clock=time.time)
+        self.release = asyncio.Event()
+        self.late_item_started = asyncio.Event()
+        self.batches: list[list[int]] = [list(range(30)), [99]]
+
+    async def _claim(self, now: float, free: int) -> list[int]:
+        return self.batches.pop(0)[:free] if self.batches else []
+
+    async def _next_due_at(self, now: float) -> float | None:
+        return None
+
+    async def _handle(self, item: int) -> None:
+        if item == 99:
+            self.late_item_started.set()
+        await self.release.wait()
+
+    async def _hand_back(self, items: list[int], now: float) -> None:
+        pass
+
+
+async def test_slow_items_in_flight_do_not_hold_back_work_due_for_the_free_slots() -> None:
+    """30 of 32 slots hang; a new item (2 free slots, under a claim batch of 4) still starts
+    within the batching window, not when the slow items end."""
+    loop = SlowItemsThenOneMore()
+    stopping = asyncio.Event()
+    runner = asyncio.create_task(loop.run(stopping))
+    try:
+        while loop.in_flight < 30:
+            await asyncio.sleep(0)
+        loop.wake()  # the new item is registered
+        # Bounded well under IDLE_WAIT_S: before the fix it waited for the slow items.
+        await asyncio.wait_for(loop.late_item_started.wait(), IDLE_WAIT_S / 2)
+    finally:
+        loop.release.set()
+        stopping.set()
+        await runner
