@@ -329,14 +329,7 @@ def _count_rows(path: Path) -> int:
 async def polls(b: Bench) -> dict[str, Any]:
     """Every stream always due, the budget lifted: how many polls a second the relay makes."""
     plan = b.plan
-    interval = str(plan.polls_interval_s)
-    settings = {
-        "RELAY_UPSTREAM_RPS": LIFTED_RPS,
-        "RELAY_UPSTREAM_CONCURRENCY": str(plan.concurrency),
-        "RELAY_POLL_INITIAL_S": interval,
-        "RELAY_POLL_MAX_S": interval,
-        "RELAY_POLL_FACTOR": "1",
-    }
+    settings = _fixed_interval_settings(plan, plan.polls_interval_s)
     upstream = await b.fake_upstream()
     async with AsyncExitStack() as stack:
         relay, _ = await b.relay(stack, "polls", settings)
@@ -410,14 +403,8 @@ async def _flip_and_measure(b: Bench, name: str, count: int, rate: float | None)
     """Pin `count` tasks to handling, watch them with one receiver, flip them to success at
     `rate` a second (None: all at once) and measure flip -> the receiver's arrival."""
     plan = b.plan
-    interval = str(plan.notify_interval_s)
-    settings = {
-        "RELAY_UPSTREAM_RPS": LIFTED_RPS,
-        "RELAY_UPSTREAM_CONCURRENCY": str(plan.concurrency),
-        "RELAY_POLL_INITIAL_S": interval,
-        "RELAY_POLL_MAX_S": interval,
-        "RELAY_POLL_FACTOR": "1",
-        "RELAY_SIGNING_SECRET": generate_secret(),
+    settings = _fixed_interval_settings(plan, plan.notify_interval_s) | {
+        "RELAY_SIGNING_SECRET": generate_secret()
     }
     upstream = await b.fake_upstream()
     prefix = f"tk-hiapi-slow-{name}-{b.tag}-"
@@ -520,7 +507,8 @@ async def scale(b: Bench) -> dict[str, Any]:
     return {"baseline": baseline, "sizes": sizes}
 
 
-def _scale_settings(plan: Plan, interval_s: float) -> dict[str, str]:
+def _fixed_interval_settings(plan: Plan, interval_s: float) -> dict[str, str]:
+    """Every stream polled every `interval_s`, the rate budget lifted."""
     return {
         "RELAY_UPSTREAM_RPS": LIFTED_RPS,
         "RELAY_UPSTREAM_CONCURRENCY": str(plan.concurrency),
@@ -536,7 +524,7 @@ async def _baseline_rss(b: Bench) -> dict[str, Any]:
     await seed.create_schema(str(path))
     async with AsyncExitStack() as stack:
         relay, _ = await b.relay(
-            stack, "scale-0", _scale_settings(plan, plan.scale_base_interval_s)
+            stack, "scale-0", _fixed_interval_settings(plan, plan.scale_base_interval_s)
         )
         await asyncio.sleep(plan.baseline_settle_s)
         await b.scrape(relay)  # the scrape path's own allocations belong to the baseline
@@ -560,7 +548,7 @@ async def _one_size(b: Bench, watches: int, baseline_rss: int) -> dict[str, Any]
         callback_url=UNUSED_CALLBACK,
         start_in_s=3.0 + 3.0 * watches / 1_000_000,  # the due index rebuild and the relay's start
     )
-    settings = _scale_settings(plan, interval)
+    settings = _fixed_interval_settings(plan, interval)
     async with AsyncExitStack() as stack:
         relay, ready_s = await b.relay(stack, name, settings)
         await sleep_until(time.monotonic() + max(0.0, seeded.due_from - time.time()))
@@ -613,7 +601,6 @@ async def replicas(b: Bench) -> dict[str, Any]:
     if dsn is None:
         return {"skipped": f"set {PG_DSN_ENVS[0]} (or {PG_DSN_ENVS[1]}) to measure"}
     plan = b.plan
-    interval = str(plan.polls_interval_s)
     upstream = await b.fake_upstream()
     runs = []
     for count in plan.replica_counts:
@@ -621,11 +608,7 @@ async def replicas(b: Bench) -> dict[str, Any]:
         settings = {
             "RELAY_STORE_URL": dsn,
             "RELAY_POSTGRES_SCHEMA": schema,
-            "RELAY_UPSTREAM_RPS": LIFTED_RPS,
-            "RELAY_UPSTREAM_CONCURRENCY": str(plan.concurrency),
-            "RELAY_POLL_INITIAL_S": interval,
-            "RELAY_POLL_MAX_S": interval,
-            "RELAY_POLL_FACTOR": "1",
+            **_fixed_interval_settings(plan, plan.polls_interval_s),
         }
         try:
             async with AsyncExitStack() as stack:
