@@ -12,7 +12,7 @@ import asyncio
 import re
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
-from typing import Protocol
+from typing import NamedTuple, Protocol
 from urllib.parse import quote
 
 import aiohttp
@@ -37,6 +37,22 @@ _SAFE_SEGMENT = re.compile(r"[A-Za-z0-9_-]+")
 
 class BodyTooLargeError(Exception):
     pass
+
+
+class Answer(NamedTuple):
+    """One HTTP answer of the task API, before classification."""
+
+    http_status: int
+    body: bytes
+    retry_after: str | None
+
+    def classify(self, task_id: str, now: float) -> PollResult:
+        return classify_upstream(
+            http_status=self.http_status,
+            body=self.body,
+            task_id=task_id,
+            retry_after=parse_retry_after(self.retry_after, now),
+        )
 
 
 RetryGate = Callable[[], Awaitable[None]]
@@ -161,16 +177,21 @@ class UpstreamClient:
     ) -> PollResult:
         """GET the task once (retrying a dropped connection at once, each retry after
         `before_retry`) and classify the answer."""
+        answer = await self.fetch_answer(task_id, before_retry=before_retry)
+        if isinstance(answer, PollResult):
+            return answer
+        return answer.classify(task_id, now)
+
+    async def fetch_answer(
+        self, task_id: str, *, before_retry: RetryGate | None = None
+    ) -> Answer | PollResult:
+        """The wire half of `fetch`: the upstream's answer as received, or the transport failure
+        already classified. Poll worker processes run only this half (relay/pollworkers.py)."""
         counting = _current_fetch.set(None if before_retry is None else _Requests(before_retry))
         try:
             async with await self._get(self._task_url(task_id)) as response:
                 body = await read_capped(response, MAX_BODY_BYTES)
-                return classify_upstream(
-                    http_status=response.status,
-                    body=body,
-                    task_id=task_id,
-                    retry_after=parse_retry_after(response.headers.get("Retry-After"), now),
-                )
+                return Answer(response.status, body, response.headers.get("Retry-After"))
         except BodyTooLargeError:
             return PollResult(
                 outcome=PollOutcome.INVALID_RESPONSE,
