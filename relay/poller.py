@@ -61,7 +61,11 @@ class Poller(WorkLoop[TaskClaim]):
         rand: Callable[[], float] = random.random,
         on_finished: Callable[[], None] = lambda: None,
     ) -> None:
-        super().__init__(metrics=metrics, concurrency=concurrency, clock=clock)
+        # One pool's worth of claims waits ready: with polls' HTTP in worker processes this
+        # process idles between claims, and a claim's round trip would otherwise empty the pool.
+        super().__init__(
+            metrics=metrics, concurrency=concurrency, clock=clock, prefetch=concurrency
+        )
         self._store = store
         self._fetcher = fetcher
         self._policy = policy
@@ -125,8 +129,6 @@ class Poller(WorkLoop[TaskClaim]):
             return []
         claims = await self._store.claim_due_tasks(now=now, limit=budget, lease_s=self._lease_s)
         self._bucket.take(now, len(claims))
-        for claim in claims:
-            self._lag.observe(max(0.0, now - claim.due_at))
         return claims
 
     async def _next_due_at(self, now: float) -> float | None:
@@ -157,12 +159,17 @@ class Poller(WorkLoop[TaskClaim]):
         metrics = self._metrics
         self._requests_in_flight += 1
         started = time.perf_counter()
+        now = self._clock()
+        self._lag.observe(max(0.0, now - item.due_at))
         try:
             result = await self._fetcher.fetch(
-                item.task_id, now=self._clock(), before_retry=self._retry_token
+                item.task_id, now=now, before_retry=self._retry_token
             )
         finally:
             self._requests_in_flight -= 1
+        # RELAY_UPSTREAM_CONCURRENCY bounds requests in flight: the next poll may start while
+        # this one's result waits for its batched write.
+        self.release_slot()
         self._poll_duration[result.outcome].observe(time.perf_counter() - started)
         self._polls[result.outcome].inc()
         if result.snapshot is not None:
