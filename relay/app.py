@@ -31,6 +31,7 @@ from relay.models import ACTIVE_STATES, WatchState
 from relay.netpolicy import CallbackPolicy, check_callback_url, make_callback_connector
 from relay.policy import DeliveryPolicy, PollPolicy
 from relay.poller import Poller
+from relay.pollworkers import PollWorkerPool, WorkerConfig
 from relay.state import (
     CALLBACK_CHECK,
     CLOCK,
@@ -44,7 +45,7 @@ from relay.state import (
     STORE,
 )
 from relay.store import Store, StoreUnavailable, open_store
-from relay.upstream import UpstreamClient, make_upstream_session
+from relay.upstream import TaskFetcher, UpstreamClient, make_upstream_session
 
 log = logging.getLogger("relay.app")
 
@@ -151,14 +152,32 @@ async def _loops_ctx(
         clock=clock,
         rand=rand,
     )
+    fetcher: TaskFetcher = UpstreamClient(
+        upstream_session,
+        base_url=settings.upstream_url,
+        api_key=api_key,
+        timeout_s=settings.upstream_timeout_s,
+    )
+    workers = None
+    if settings.poll_processes:
+        workers = PollWorkerPool(
+            WorkerConfig(
+                base_url=settings.upstream_url,
+                api_key=api_key,
+                timeout_s=settings.upstream_timeout_s,
+                concurrency=settings.upstream_concurrency,
+                event_loop=settings.event_loop,
+                log_level=settings.log_level,
+            ),
+            processes=settings.poll_processes,
+            answer_timeout_s=settings.poll_lease_s,
+            metrics=metrics,
+        )
+        await workers.start()
+        fetcher = workers
     poller = Poller(
         store=store,
-        fetcher=UpstreamClient(
-            upstream_session,
-            base_url=settings.upstream_url,
-            api_key=api_key,
-            timeout_s=settings.upstream_timeout_s,
-        ),
+        fetcher=fetcher,
         metrics=metrics,
         policy=PollPolicy.from_settings(settings),
         rps=settings.upstream_rps,
@@ -190,6 +209,8 @@ async def _loops_ctx(
         await _stop_loops(app[LOOP_TASKS], (poller, deliverer), settings.shutdown_timeout_s)
         with contextlib.suppress(StoreUnavailable):
             await store.retire(app[REPLICA_ID])
+        if workers is not None:
+            await workers.close()
         await upstream_session.close()
         await callback_session.close()
 

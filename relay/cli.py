@@ -25,6 +25,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("serve", help="run the relay (settings from RELAY_* environment variables)")
     sub.add_parser("migrate", help="create or upgrade the store's schema, then exit")
+    sub.add_parser(
+        "poll-worker", help="(started by `serve` with RELAY_POLL_PROCESSES; not by hand)"
+    )
     fake = sub.add_parser("fake-upstream", help="run a local simulator of the hiapi task API")
     fake.add_argument("--host", default="127.0.0.1")
     fake.add_argument("--port", type=int, default=8081)
@@ -36,6 +39,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.command == "fake-upstream":
         return _fake_upstream(args)
+    if args.command == "poll-worker":
+        from relay.pollworkers import run_worker
+
+        return run_worker()
     try:
         settings = Settings.from_env()
     except ConfigError as exc:

@@ -77,6 +77,8 @@ class Settings:
     upstream_rps: float = 50.0
     upstream_concurrency: int = 32
     upstream_timeout_s: float = 10.0
+    # 0: polls run in the relay process; N: their HTTP runs in N child processes (pollworkers.py).
+    poll_processes: int = 0
     watch_timeout_s: float = 86_400.0
     not_found_grace_s: float = 60.0
     delivery_timeout_s: float = 10.0
@@ -133,6 +135,7 @@ class Settings:
         take("RELAY_UPSTREAM_RPS", "upstream_rps", _positive_float)
         take("RELAY_UPSTREAM_CONCURRENCY", "upstream_concurrency", _int_between(1, 10_000))
         take("RELAY_UPSTREAM_TIMEOUT_S", "upstream_timeout_s", _positive_float)
+        take("RELAY_POLL_PROCESSES", "poll_processes", _int_between(0, 64))
         take("RELAY_WATCH_TIMEOUT_S", "watch_timeout_s", _positive_float)
         take("RELAY_NOT_FOUND_GRACE_S", "not_found_grace_s", _non_negative_float)
         take("RELAY_DELIVERY_TIMEOUT_S", "delivery_timeout_s", _positive_float)

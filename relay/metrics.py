@@ -110,6 +110,16 @@ class Metrics:
         self.upstream_in_flight = Gauge(
             "relay_upstream_requests_in_flight", "Upstream polls in flight.", registry=r
         )
+        self.poll_workers = Gauge(
+            "relay_poll_workers",
+            "Poll worker processes running (RELAY_POLL_PROCESSES; 0: polls run in the relay).",
+            registry=r,
+        )
+        self.poll_worker_exits = Counter(
+            "relay_poll_worker_exits",
+            "Poll worker processes that exited while the relay ran; each is started again.",
+            registry=r,
+        )
         self.upstream_auth_failing = Gauge(
             "relay_upstream_auth_failing",
             "1 while the task API rejects the API key (401/403) and polling is paused.",

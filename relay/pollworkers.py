@@ -1,0 +1,491 @@
+"""Poll worker processes: the upstream's HTTP in child processes, the relay's logic in this one.
+
+A relay process spends about half its CPU per poll in aiohttp's client and the event loop, and a
+Python process runs on one core (BENCHMARKS.md). With RELAY_POLL_PROCESSES=N that half runs in N
+child processes (`python -m relay poll-worker`), each with its own event loop and connection
+pool. This process keeps everything else: the store, the schedule, the rate budget, the
+classification of answers, metrics and logs. A child reads task ids on its stdin and writes the
+upstream's answers, as received, on its stdout: binary frames, as many per write as are ready.
+
+A child that dies fails the polls it had in flight as network errors: they take the usual
+persisted backoff, nothing is lost, and the child is started again. A child that stops answering
+is killed once its oldest poll is older than the answer deadline. Children ignore SIGINT and
+SIGTERM and leave when their stdin closes, after their polls in flight: the relay decides when.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import signal
+import struct
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, cast
+
+import orjson
+
+from relay import logs
+from relay.config import UPSTREAM_ATTEMPTS
+from relay.metrics import Metrics
+from relay.models import PollOutcome, PollResult
+from relay.upstream import (
+    MAX_BODY_BYTES,
+    Answer,
+    RetryGate,
+    UpstreamClient,
+    make_upstream_session,
+)
+
+log = logging.getLogger("relay.pollworkers")
+
+# kind, request id, a small number (the HTTP status of an answer), payload length.
+HEADER = struct.Struct("<BIHI")
+MAX_PAYLOAD = MAX_BODY_BYTES + 64 * 1024
+
+# relay -> child
+CONFIG = 1  # payload: JSON of WorkerConfig; the first frame, once
+FETCH = 2  # payload: the task id
+TOKEN = 3  # the retry the child asked for may go on the wire
+# child -> relay
+ANSWER = 4  # small: HTTP status; payload: the body
+RETRY_AFTER = 5  # payload: the answer's Retry-After header; sent just before its ANSWER
+FAILURE = 6  # payload: JSON [outcome, detail] of a transport failure
+WANT_TOKEN = 7  # the child wants to retry a dropped connection: it waits for a TOKEN
+
+RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+# A child that lived this long before it died starts again at once, not after a backoff.
+STABLE_AFTER_S = 60.0
+STOP_GRACE_S = 5.0
+
+
+class FrameError(Exception):
+    """The byte stream is not frames: the other side is broken."""
+
+
+def encode(kind: int, request_id: int, payload: bytes = b"", small: int = 0) -> bytes:
+    return HEADER.pack(kind, request_id, small, len(payload)) + payload
+
+
+class FrameDecoder:
+    """Bytes in as they arrive, whole frames out: (kind, request id, small, payload)."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> list[tuple[int, int, int, bytes]]:
+        buffer = self._buffer
+        buffer += data
+        frames = []
+        position, size, header = 0, len(buffer), HEADER.size
+        while size - position >= header:
+            kind, request_id, small, length = HEADER.unpack_from(buffer, position)
+            if length > MAX_PAYLOAD or not CONFIG <= kind <= WANT_TOKEN:
+                raise FrameError(f"frame kind {kind} with {length} bytes")
+            end = position + header + length
+            if end > size:
+                break
+            frames.append((kind, request_id, small, bytes(buffer[position + header : end])))
+            position = end
+        if position:
+            del buffer[:position]
+        return frames
+
+
+class Outbox:
+    """Frames queued within one turn of the event loop leave in one write."""
+
+    def __init__(self, transport: asyncio.WriteTransport) -> None:
+        self._transport = transport
+        self._frames: list[bytes] = []
+        self._loop = asyncio.get_running_loop()
+
+    def send(self, frame: bytes) -> None:
+        if not self._frames:
+            self._loop.call_soon(self._flush)
+        self._frames.append(frame)
+
+    def _flush(self) -> None:
+        data = b"".join(self._frames)
+        self._frames.clear()
+        if not self._transport.is_closing():
+            self._transport.write(data)
+
+    def close(self) -> None:
+        self._flush()
+        self._transport.close()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorkerConfig:
+    """What a child needs to poll; sent on its stdin, never in its arguments or environment."""
+
+    base_url: str
+    api_key: str | None
+    timeout_s: float
+    concurrency: int
+    event_loop: str
+    log_level: str
+    attempts: int = UPSTREAM_ATTEMPTS
+
+
+# --- the relay's side -----------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Pending:
+    future: asyncio.Future[Answer | PollResult]
+    before_retry: RetryGate | None
+    sent_at: float
+    retry_after: str | None = None
+
+
+class _Child(asyncio.SubprocessProtocol):
+    """One poll worker process, as the relay sees it."""
+
+    def __init__(self, pool: PollWorkerPool) -> None:
+        self._pool = pool
+        self._decoder = FrameDecoder()
+        self.pending: dict[int, _Pending] = {}
+        self.transport: asyncio.SubprocessTransport | None = None
+        self.outbox: Outbox | None = None
+        self.ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.started_at = 0.0
+        self.gone = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports do not derive from asyncio's classes; they have the same methods.
+        self.transport = cast(asyncio.SubprocessTransport, transport)
+        self.outbox = Outbox(cast(asyncio.WriteTransport, self.transport.get_pipe_transport(0)))
+
+    def pipe_data_received(self, fd: int, data: bytes | str) -> None:
+        if fd != 1 or self.gone:
+            return
+        try:
+            frames = self._decoder.feed(data if isinstance(data, bytes) else data.encode())
+        except FrameError as exc:
+            logs.event(log, "poll_worker_broken", logging.ERROR, detail=str(exc))
+            self.kill()
+            return
+        for kind, request_id, small, payload in frames:
+            entry = self.pending.get(request_id)
+            if entry is None:
+                continue  # its poll was cancelled meanwhile
+            if kind == ANSWER:
+                del self.pending[request_id]
+                _settle(entry.future, Answer(small, payload, entry.retry_after))
+            elif kind == RETRY_AFTER:
+                entry.retry_after = payload.decode("utf-8", "surrogateescape")
+            elif kind == FAILURE:
+                del self.pending[request_id]
+                outcome, detail = orjson.loads(payload)
+                _settle(entry.future, PollResult(outcome=PollOutcome(outcome), detail=detail))
+            elif kind == WANT_TOKEN:
+                self._pool.grant(self, request_id, entry.before_retry)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        # The process has exited and both pipes are closed: every answer it wrote has been read.
+        self.gone = True
+        failed = PollResult(outcome=PollOutcome.NETWORK_ERROR, detail="poll worker exited")
+        for entry in self.pending.values():
+            _settle(entry.future, failed)
+        self.pending.clear()
+        if self.transport is not None:
+            self.transport.close()  # the process is gone; this releases the transport itself
+        if not self.ended.done():
+            self.ended.set_result(None)
+        self._pool.ended(self)
+
+    def send(self, frame: bytes) -> None:
+        if self.outbox is not None and not self.gone:
+            self.outbox.send(frame)
+
+    def kill(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            with contextlib.suppress(ProcessLookupError):
+                self.transport.kill()
+
+    @property
+    def pid(self) -> int | None:
+        return None if self.transport is None else self.transport.get_pid()
+
+
+def _settle(future: asyncio.Future[Any], value: Any) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+class PollWorkerPool:
+    """A TaskFetcher that polls through `processes` child processes."""
+
+    def __init__(
+        self,
+        config: WorkerConfig,
+        *,
+        processes: int,
+        answer_timeout_s: float,
+        metrics: Metrics,
+        command: tuple[str, ...] = (sys.executable, "-m", "relay", "poll-worker"),
+    ) -> None:
+        self._config = config
+        self._processes = processes
+        self._answer_timeout_s = answer_timeout_s
+        self._metrics = metrics
+        self._command = command
+        self._children: list[_Child] = []
+        self._request_ids = itertools.count(1)
+        self._background: set[asyncio.Task[None]] = set()
+        self._failures_in_a_row = 0
+        self._closing = False
+        metrics.poll_workers.set_function(lambda: len(self._children))
+
+    @property
+    def children(self) -> tuple[_Child, ...]:
+        return tuple(self._children)
+
+    async def start(self) -> None:
+        for _ in range(self._processes):
+            await self._spawn()
+        self._keep(self._watch())
+
+    async def _spawn(self) -> None:
+        loop = asyncio.get_running_loop()
+        child = _Child(self)
+        await loop.subprocess_exec(
+            lambda: child,
+            *self._command,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=None,  # the child logs to the relay's stderr
+        )
+        child.started_at = loop.time()
+        child.send(encode(CONFIG, 0, orjson.dumps(self._config)))
+        self._children.append(child)
+        logs.event(log, "poll_worker_started", pid=child.pid)
+
+    async def fetch(
+        self, task_id: str, *, now: float, before_retry: RetryGate | None = None
+    ) -> PollResult:
+        if not self._children:
+            return PollResult(outcome=PollOutcome.NETWORK_ERROR, detail="no poll worker running")
+        child = min(self._children, key=lambda c: len(c.pending))
+        loop = asyncio.get_running_loop()
+        request_id = next(self._request_ids) & 0xFFFFFFFF
+        future: asyncio.Future[Answer | PollResult] = loop.create_future()
+        child.pending[request_id] = _Pending(future, before_retry, loop.time())
+        child.send(encode(FETCH, request_id, task_id.encode()))
+        try:
+            answer = await future
+        finally:
+            child.pending.pop(request_id, None)
+        return answer if isinstance(answer, PollResult) else answer.classify(task_id, now)
+
+    def grant(self, child: _Child, request_id: int, before_retry: RetryGate | None) -> None:
+        """Let a child's retry go once the budget has a token for it."""
+        if before_retry is None:
+            child.send(encode(TOKEN, request_id))
+            return
+
+        async def when_paid() -> None:
+            await before_retry()
+            if request_id in child.pending:
+                child.send(encode(TOKEN, request_id))
+
+        self._keep(when_paid())
+
+    def ended(self, child: _Child) -> None:
+        if child in self._children:
+            self._children.remove(child)
+        if self._closing:
+            return
+        loop = asyncio.get_running_loop()
+        lived = loop.time() - child.started_at
+        self._failures_in_a_row = 0 if lived >= STABLE_AFTER_S else self._failures_in_a_row + 1
+        delay = (
+            RESTART_BACKOFF_S[min(self._failures_in_a_row, len(RESTART_BACKOFF_S)) - 1]
+            if self._failures_in_a_row
+            else 0.0
+        )
+        returncode = child.transport.get_returncode() if child.transport else None
+        logs.event(
+            log,
+            "poll_worker_exited",
+            logging.ERROR,
+            pid=child.pid,
+            returncode=returncode,
+            restart_in_s=delay,
+        )
+        self._metrics.poll_worker_exits.inc()
+        self._keep(self._restart_after(delay))
+
+    async def _restart_after(self, delay: float) -> None:
+        await asyncio.sleep(delay)
+        if not self._closing:
+            try:
+                await self._spawn()
+            except OSError as exc:
+                logs.event(log, "poll_worker_spawn_failed", logging.ERROR, detail=str(exc))
+                self._failures_in_a_row += 1
+                self._keep(self._restart_after(RESTART_BACKOFF_S[-1]))
+
+    async def _watch(self) -> None:
+        """Kill a child whose oldest poll is past the answer deadline: it has stopped working."""
+        loop = asyncio.get_running_loop()
+        while not self._closing:
+            await asyncio.sleep(min(1.0, self._answer_timeout_s / 4))
+            now = loop.time()
+            for child in list(self._children):
+                oldest = next(iter(child.pending.values()), None)
+                if oldest is not None and now - oldest.sent_at > self._answer_timeout_s:
+                    logs.event(
+                        log,
+                        "poll_worker_unresponsive",
+                        logging.ERROR,
+                        pid=child.pid,
+                        waited_s=round(now - oldest.sent_at, 3),
+                    )
+                    child.kill()
+
+    def _keep(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def close(self) -> None:
+        """Close every child's stdin; each leaves after its polls in flight, or is killed."""
+        self._closing = True
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        children = list(self._children)
+        for child in children:
+            if child.outbox is not None:
+                child.outbox.close()
+        if not children:
+            return
+        _, late = await asyncio.wait([c.ended for c in children], timeout=STOP_GRACE_S)
+        for child in children:
+            if not child.ended.done():
+                child.kill()
+        if late:
+            await asyncio.wait(late, timeout=STOP_GRACE_S)
+
+
+# --- the child's side -----------------------------------------------------------------------------
+
+
+def run_worker() -> int:
+    """`relay poll-worker`: serve FETCH frames on stdin until it closes."""
+    # The relay stops its children by closing their stdin, after its own drain; a Ctrl-C sent
+    # to the whole process group must not cut their polls short first.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    kind, _, _, payload = _read_first_frame(sys.stdin.fileno())
+    if kind != CONFIG:
+        print(f"poll-worker: the first frame is kind {kind}, not CONFIG", file=sys.stderr)
+        return 2
+    config = WorkerConfig(**orjson.loads(payload))
+    logs.configure(config.log_level)
+    if config.event_loop == "uvloop":
+        import uvloop
+
+        uvloop.run(_serve(config))
+    else:
+        asyncio.run(_serve(config))
+    return 0
+
+
+def _read_first_frame(fd: int) -> tuple[int, int, int, bytes]:
+    # os.read, not sys.stdin: a buffered reader would swallow frames meant for the event loop.
+    def read_exactly(count: int) -> bytes:
+        chunks = []
+        while count:
+            chunk = os.read(fd, count)
+            if not chunk:
+                raise SystemExit("poll-worker: stdin closed before the configuration")
+            chunks.append(chunk)
+            count -= len(chunk)
+        return b"".join(chunks)
+
+    kind, request_id, small, length = HEADER.unpack(read_exactly(HEADER.size))
+    return kind, request_id, small, read_exactly(length)
+
+
+class _Requests(asyncio.Protocol):
+    """The child's stdin: FETCH and TOKEN frames from the relay."""
+
+    def __init__(self, on_frame: Callable[[int, int, bytes], None]) -> None:
+        self._decoder = FrameDecoder()
+        self._on_frame = on_frame
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def data_received(self, data: bytes) -> None:
+        for kind, request_id, _, payload in self._decoder.feed(data):
+            self._on_frame(kind, request_id, payload)
+
+    def eof_received(self) -> bool | None:
+        _settle(self.closed, None)
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        _settle(self.closed, None)
+
+
+async def _serve(config: WorkerConfig) -> None:
+    loop = asyncio.get_running_loop()
+    session = make_upstream_session(concurrency=config.concurrency)
+    client = UpstreamClient(
+        session,
+        base_url=config.base_url,
+        api_key=config.api_key,
+        timeout_s=config.timeout_s,
+        attempts=config.attempts,
+    )
+    stdout, _ = await loop.connect_write_pipe(asyncio.Protocol, sys.stdout.buffer)
+    outbox = Outbox(stdout)
+    tokens: dict[int, asyncio.Future[None]] = {}
+    polls: set[asyncio.Task[None]] = set()
+
+    async def poll(request_id: int, task_id: str) -> None:
+        async def token() -> None:
+            paid = loop.create_future()
+            tokens[request_id] = paid
+            outbox.send(encode(WANT_TOKEN, request_id))
+            await paid
+
+        try:
+            answer = await client.fetch_answer(task_id, before_retry=token)
+            if isinstance(answer, Answer):
+                if answer.retry_after is not None:
+                    retry_after = answer.retry_after.encode("utf-8", "surrogateescape")
+                    outbox.send(encode(RETRY_AFTER, request_id, retry_after))
+                outbox.send(encode(ANSWER, request_id, answer.body, small=answer.http_status))
+                return
+        except Exception as exc:  # an answer of some kind is owed for every FETCH
+            answer = PollResult(outcome=PollOutcome.NETWORK_ERROR, detail=type(exc).__name__)
+        finally:
+            tokens.pop(request_id, None)
+        outbox.send(
+            encode(FAILURE, request_id, orjson.dumps([answer.outcome.value, answer.detail]))
+        )
+
+    def on_frame(kind: int, request_id: int, payload: bytes) -> None:
+        if kind == FETCH:
+            task = loop.create_task(poll(request_id, payload.decode()))
+            polls.add(task)
+            task.add_done_callback(polls.discard)
+        elif kind == TOKEN:
+            paid = tokens.pop(request_id, None)
+            if paid is not None:
+                _settle(paid, None)
+
+    _, requests = await loop.connect_read_pipe(lambda: _Requests(on_frame), sys.stdin.buffer)
+    await requests.closed
+    while polls:
+        await asyncio.gather(*polls, return_exceptions=True)
+    outbox.close()
+    await session.close()

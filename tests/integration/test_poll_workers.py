@@ -1,0 +1,224 @@
+"""Poll worker processes (RELAY_POLL_PROCESSES): real `relay poll-worker` children, a real fake
+task API on loopback. A poll through a child classifies exactly like one made in-process; a child
+that dies or hangs fails only its polls in flight, as network errors, and is replaced."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestServer
+from prometheus_client import CollectorRegistry
+
+from relay.fake_upstream import FAKE_UPSTREAM_KEY, FakeUpstream, create_fake_upstream_app
+from relay.metrics import Metrics
+from relay.models import PollOutcome, PollResult
+from relay.pollworkers import PollWorkerPool, WorkerConfig
+from relay.upstream import UpstreamClient, make_upstream_session
+
+KEY = "k-poll-workers"
+# Every wait below is bounded by this; none is needed for a passing test to pass.
+BOUND_S = 20.0
+
+
+class Fake:
+    def __init__(self, url: str, fake: FakeUpstream) -> None:
+        self.url = url
+        self.fake = fake
+
+    async def script(self, task_id: str, *responses: dict[str, Any]) -> None:
+        async with (
+            aiohttp.ClientSession() as control,
+            control.post(
+                f"{self.url}/_fake/script/{task_id}", json={"responses": list(responses)}
+            ) as response,
+        ):
+            assert 200 == response.status
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[Fake]:
+    app = create_fake_upstream_app(api_key=KEY)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    yield Fake(str(server.make_url("")).rstrip("/"), app[FAKE_UPSTREAM_KEY])
+    await server.close()
+
+
+def _config(url: str, **overrides: Any) -> WorkerConfig:
+    values: dict[str, Any] = {
+        "base_url": url,
+        "api_key": KEY,
+        "timeout_s": 5.0,
+        "concurrency": 8,
+        "event_loop": "asyncio",
+        "log_level": "WARNING",
+    }
+    values.update(overrides)
+    return WorkerConfig(**values)
+
+
+@pytest.fixture
+async def pool_for(fake: Fake) -> AsyncIterator[Callable[..., Awaitable[PollWorkerPool]]]:
+    pools: list[PollWorkerPool] = []
+
+    async def start(processes: int = 1, answer_timeout_s: float = 30.0) -> PollWorkerPool:
+        pool = PollWorkerPool(
+            _config(fake.url),
+            processes=processes,
+            answer_timeout_s=answer_timeout_s,
+            metrics=Metrics(CollectorRegistry()),
+        )
+        pools.append(pool)
+        await pool.start()
+        return pool
+
+    yield start
+    for pool in pools:
+        await pool.close()
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    async def poll() -> None:
+        while not condition():
+            await asyncio.sleep(0.01)
+
+    await asyncio.wait_for(poll(), BOUND_S)
+
+
+SCRIPTS: dict[str, list[dict[str, Any]]] = {
+    "ok": [],
+    "rate-limited": [{"status": 429, "retryAfter": 7}],
+    "server-error": [{"status": 503}],
+    "not-found": [{"status": 404}],
+    "not-json": [{"body": "<html>proxy</html>"}],
+    "wrong-task": [{"json": {"code": 200, "data": {"taskId": "someone-else", "status": "queued"}}}],
+    "dropped-once": [{"reset": True}, {"reset": True}],
+    "dropped-always": [{"reset": True}] * 6,
+}
+
+
+@pytest.mark.parametrize("case", sorted(SCRIPTS))
+async def test_a_poll_through_a_worker_is_classified_exactly_like_one_made_in_process(
+    fake: Fake, pool_for: Callable[..., Awaitable[PollWorkerPool]], case: str
+) -> None:
+    pool = await pool_for()
+    session = make_upstream_session(concurrency=4)
+    in_process = UpstreamClient(session, base_url=fake.url, api_key=KEY, timeout_s=5.0)
+    results: list[PollResult] = []
+    tokens = 0
+
+    async def gate() -> None:
+        nonlocal tokens
+        tokens += 1
+
+    try:
+        for fetcher in (in_process, pool):
+            task_id = f"tk-hiapi-{case}"
+            if SCRIPTS[case]:
+                await fake.script(task_id, *SCRIPTS[case])
+            results.append(await fetcher.fetch(task_id, now=1_000.0, before_retry=gate))
+    finally:
+        await session.close()
+    assert results[0] == results[1]
+    expected_tokens = {"dropped-once": 2, "dropped-always": 5}.get(case, 0)
+    assert tokens == 2 * expected_tokens  # each retry, in either process, waited for the budget
+
+
+async def test_a_retry_in_a_worker_waits_until_the_relay_grants_its_token(
+    fake: Fake, pool_for: Callable[..., Awaitable[PollWorkerPool]]
+) -> None:
+    """The rate budget lives in the relay: a child's immediate retry goes out only once paid."""
+    pool = await pool_for()
+    await fake.script("tk-hiapi-gated", {"reset": True}, {"reset": True})
+    asked = asyncio.Event()
+    paid = asyncio.Event()
+
+    async def gate() -> None:
+        asked.set()
+        await paid.wait()
+
+    poll = asyncio.create_task(pool.fetch("tk-hiapi-gated", now=0.0, before_retry=gate))
+    await asyncio.wait_for(asked.wait(), BOUND_S)
+    sent_before = fake.fake.stats()["perTask"]["tk-hiapi-gated"]
+    await asyncio.sleep(0.2)  # time the child would need to retry on its own (it must not)
+    assert fake.fake.stats()["perTask"]["tk-hiapi-gated"] == sent_before
+    assert not poll.done()
+    paid.set()
+    result = await asyncio.wait_for(poll, BOUND_S)
+    assert result.outcome is PollOutcome.OK
+
+
+async def test_a_worker_killed_mid_poll_fails_that_poll_and_is_replaced(
+    fake: Fake, pool_for: Callable[..., Awaitable[PollWorkerPool]]
+) -> None:
+    pool = await pool_for()
+    (child,) = pool.children
+    await fake.script("tk-hiapi-slow", {"delayS": 30})
+    poll = asyncio.create_task(pool.fetch("tk-hiapi-slow", now=0.0))
+    await _until(lambda: fake.fake.stats()["perTask"].get("tk-hiapi-slow", 0) >= 1)
+    assert child.pid is not None
+    os.kill(child.pid, signal.SIGKILL)
+    result = await asyncio.wait_for(poll, BOUND_S)
+    assert (result.outcome, result.detail) == (PollOutcome.NETWORK_ERROR, "poll worker exited")
+    await _until(lambda: len(pool.children) == 1)
+    assert pool.children[0].pid != child.pid
+    after = await asyncio.wait_for(pool.fetch("tk-hiapi-after", now=0.0), BOUND_S)
+    assert after.outcome is PollOutcome.OK
+
+
+async def test_a_worker_that_stops_answering_is_killed_at_the_answer_deadline(
+    fake: Fake, pool_for: Callable[..., Awaitable[PollWorkerPool]]
+) -> None:
+    pool = await pool_for(answer_timeout_s=0.5)
+    (child,) = pool.children
+    assert child.pid is not None
+    os.kill(child.pid, signal.SIGSTOP)  # alive, and answering nothing
+    result = await asyncio.wait_for(pool.fetch("tk-hiapi-stuck", now=0.0), BOUND_S)
+    assert result.outcome is PollOutcome.NETWORK_ERROR
+    await _until(lambda: len(pool.children) == 1 and pool.children[0] is not child)
+    after = await asyncio.wait_for(pool.fetch("tk-hiapi-after", now=0.0), BOUND_S)
+    assert after.outcome is PollOutcome.OK
+
+
+async def test_polls_spread_over_the_workers_and_close_waits_for_those_in_flight(
+    fake: Fake, pool_for: Callable[..., Awaitable[PollWorkerPool]]
+) -> None:
+    pool = await pool_for(processes=2)
+    for i in range(6):
+        await fake.script(f"tk-hiapi-busy-{i}", {"delayS": 0.3})
+    polls = [asyncio.create_task(pool.fetch(f"tk-hiapi-busy-{i}", now=0.0)) for i in range(6)]
+    await _until(lambda: sum(fake.fake.stats()["perTask"].values()) >= 6)
+    assert sorted(len(c.pending) for c in pool.children) == [3, 3]
+    children = pool.children
+    await asyncio.wait_for(pool.close(), BOUND_S)
+    results = await asyncio.gather(*polls)
+    assert {r.outcome for r in results} == {PollOutcome.OK}  # answered, not cut short
+    for child in children:
+        assert child.transport is not None
+        assert child.transport.get_returncode() == 0
+
+
+async def test_no_worker_running_is_a_network_error_not_a_hang(fake: Fake) -> None:
+    pool = PollWorkerPool(
+        _config(fake.url),
+        processes=1,
+        answer_timeout_s=30.0,
+        metrics=Metrics(CollectorRegistry()),
+        command=("/bin/false",),  # exits at once: every start fails
+    )
+    await pool.start()
+    try:
+        await _until(lambda: not pool.children)
+        result = await asyncio.wait_for(pool.fetch("tk-hiapi-1", now=0.0), BOUND_S)
+        assert (result.outcome, result.detail) == (
+            PollOutcome.NETWORK_ERROR,
+            "no poll worker running",
+        )
+    finally:
+        await pool.close()
