@@ -53,11 +53,26 @@ def child_env(extra: dict[str, str]) -> dict[str, str]:
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of every thread of `pid` so far."""
-    with open(f"/proc/{pid}/stat") as f:
-        data = f.read()
+    """User + system CPU seconds of every thread of `pid` so far, and of every process it
+    started (RELAY_POLL_PROCESSES): the live ones and those it has reaped."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return 0.0  # exited between the listing and the read: its parent's cutime has it
     fields = data[data.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime
+    own = sum(int(x) for x in fields[11:15]) / CLK_TCK  # utime, stime, cutime, cstime
+    return own + sum(cpu_seconds(child) for child in _children(pid))
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            found += [int(x) for x in (task / "children").read_text().split()]
+        except FileNotFoundError:
+            continue
+    return found
 
 
 def memory_bytes(pid: int) -> dict[str, int]:

@@ -120,6 +120,13 @@ def _target(
     return Target(key, text, float(value), shown(value), ok(value))
 
 
+def _best_polls_ratio(results: dict[str, Any]) -> float | None:
+    """The relay's best configuration answers the target: in-process or with poll workers."""
+    ratios = [_get(results, name, "ratio_to_ceiling") for name in ("polls", "polls-workers")]
+    measured = [r for r in ratios if isinstance(r, int | float) and not math.isnan(r)]
+    return max(measured) if measured else None
+
+
 def targets(results: dict[str, Any]) -> list[Target]:
     """Issue 5's targets, each with the figure of this run that answers it."""
     million = _size(results, 1_000_000) or {}
@@ -134,7 +141,7 @@ def targets(results: dict[str, Any]) -> list[Target]:
                 million.get("rss_bytes_per_watch"), lambda v: f"{v:,.0f} B/watch",
                 lambda v: v < KIB),
         _target("polls_vs_ceiling", "polls/s >= 70% of the bare-client ceiling",
-                _get(results, "polls", "ratio_to_ceiling"), lambda v: f"{100 * v:.0f}%",
+                _best_polls_ratio(results), lambda v: f"{100 * v:.0f}%",
                 lambda v: v >= 0.70),
         _target("registrations_per_s", "registrations >= 5,000/s",
                 _get(results, "registration", "watches_per_s"), lambda v: f"{v:,.0f}/s",
@@ -196,8 +203,12 @@ def rows(doc: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
     by_key = {t.key: t for t in doc["targets_detail"]}
     out: list[tuple[str, str, str, str, str]] = []
 
-    def add(scenario: str, figure: str, measured: str, key: str | None = None) -> None:
+    def add(
+        scenario: str, figure: str, measured: str, key: str | None = None, value: Any = None
+    ) -> None:
         target = by_key.get(key or "")
+        if target is not None and value is not None and value != target.measured:
+            target = None  # another row of this run answers the target (see _best_polls_ratio)
         if target is None:
             out.append((scenario, figure, measured, "", ""))
             return
@@ -230,10 +241,12 @@ def _registration_rows(r: dict[str, Any], add: Add) -> None:
 
 
 def _polls_rows(p: dict[str, Any], add: Add) -> None:
-    add("polls", "sustained polls/s (budget lifted)", f"{p['polls_per_s']:,.0f}/s")
+    workers = p.get("poll_processes")
+    add("polls" if workers is None else f"polls, {workers} poll processes",
+        "sustained polls/s (budget lifted)", f"{p['polls_per_s']:,.0f}/s")  # fmt: skip
     ratio = p["ratio_to_ceiling"]
     add("", "ratio to ceiling", "-" if ratio is None else f"{100 * ratio:.0f}%",
-        "polls_vs_ceiling")  # fmt: skip
+        "polls_vs_ceiling", ratio)  # fmt: skip
     add("", "relay CPU per 1,000 polls", f"{p['relay_cpu_s_per_1k_polls']:.3f} s")
     add("", "cores used: relay / upstream / rest", _cores(p["cpu"], "relay", "upstream"))
     add("", "mean poll duration", f"{p['poll_duration_mean_ms']:.1f} ms")
@@ -298,6 +311,7 @@ _ROWS: dict[str, Callable[[dict[str, Any], Add], None]] = {
     "ceiling": _ceiling_rows,
     "registration": _registration_rows,
     "polls": _polls_rows,
+    "polls-workers": _polls_rows,
     "notify": _notify_rows,
     "burst": _burst_rows,
     "scale": _scale_rows,

@@ -328,17 +328,29 @@ def _count_rows(path: Path) -> int:
 
 async def polls(b: Bench) -> dict[str, Any]:
     """Every stream always due, the budget lifted: how many polls a second the relay makes."""
+    return await _polls(b, "polls", {})
+
+
+async def polls_workers(b: Bench) -> dict[str, Any]:
+    """The same with the polls' HTTP in one worker process per core (RELAY_POLL_PROCESSES)."""
+    processes = os.cpu_count() or 1
+    result = await _polls(b, "polls-workers", {"RELAY_POLL_PROCESSES": str(processes)})
+    result["poll_processes"] = processes
+    return result
+
+
+async def _polls(b: Bench, name: str, extra_settings: dict[str, str]) -> dict[str, Any]:
     plan = b.plan
-    settings = _fixed_interval_settings(plan, plan.polls_interval_s)
+    settings = {**_fixed_interval_settings(plan, plan.polls_interval_s), **extra_settings}
     upstream = await b.fake_upstream()
     async with AsyncExitStack() as stack:
-        relay, _ = await b.relay(stack, "polls", settings)
+        relay, _ = await b.relay(stack, name, settings)
         await b.register(
-            relay, "polls-register", f"tk-hiapi-slow-poll-{b.tag}-", plan.polls_watches,
+            relay, f"{name}-register", f"tk-hiapi-slow-poll-{b.tag}-", plan.polls_watches,
             UNUSED_CALLBACK,
         )  # fmt: skip
         await asyncio.sleep(plan.polls_warmup_s)
-        window = await _window(b, relay, upstream, plan.polls_window_s, "polls")
+        window = await _window(b, relay, upstream, plan.polls_window_s, name)
     before, after, seconds = window["before"], window["after"], window["seconds"]
     polled = delta(before, after, "relay_upstream_polls_total")
     ok = delta(before, after, "relay_upstream_polls_total", outcome="ok")
@@ -687,6 +699,7 @@ SCENARIOS: dict[str, Callable[[Bench], Awaitable[dict[str, Any]]]] = {
     "ceiling": ceiling,
     "registration": registration,
     "polls": polls,
+    "polls-workers": polls_workers,
     "notify": notify,
     "burst": burst,
     "scale": scale,
