@@ -45,8 +45,27 @@ def message_id(watch_id: str) -> str:
     return f"msg_{watch_id}"
 
 
+_SECONDS_CACHE: dict[int, str] = {}
+
+
 def iso_utc(epoch_s: float) -> str:
-    return datetime.fromtimestamp(epoch_s, UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
+    """`2026-12-01T21:25:57.123Z`: milliseconds, truncated, as `datetime.isoformat` would give.
+
+    The date-and-time part is cached per whole second: a registration answers with four
+    timestamps, and formatting each through datetime cost 2 us (~3 % of a registration).
+    """
+    if epoch_s < 0:
+        return datetime.fromtimestamp(epoch_s, UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
+    whole = int(epoch_s)
+    micros = round((epoch_s - whole) * 1e6)  # datetime rounds to microseconds the same way
+    if micros >= 1_000_000:
+        whole, micros = whole + 1, micros - 1_000_000
+    prefix = _SECONDS_CACHE.get(whole)
+    if prefix is None:
+        if len(_SECONDS_CACHE) >= 4096:
+            _SECONDS_CACHE.clear()
+        prefix = _SECONDS_CACHE[whole] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+    return f"{prefix}.{micros // 1000:03d}Z"
 
 
 def callback_body(job: DeliveryJob) -> bytes:

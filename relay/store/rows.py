@@ -6,7 +6,15 @@ from typing import Any, Protocol
 
 import orjson
 
-from relay.models import DeliveryJob, EventType, TaskClaim, TaskUpdate, Watch, WatchState
+from relay.models import (
+    DeliveryJob,
+    EventType,
+    NewWatch,
+    TaskClaim,
+    TaskUpdate,
+    Watch,
+    WatchState,
+)
 
 # JSON is stored as the text of orjson's bytes: it keeps key order and every byte, so a callback
 # carries the upstream data verbatim (PostgreSQL's jsonb would reorder keys).
@@ -43,6 +51,26 @@ def watch_from_row(row: Row) -> Watch:
         next_poll_at=row[10],
         delivery_attempts=row[11],
         last_error=row[12],
+    )
+
+
+def fresh_watch(new: NewWatch, *, watch_id: str, now: float, deadline_at: float) -> Watch:
+    """What a store reads back for a watch it just created on a new poll stream, without the
+    read: nothing polled yet, the first poll due at once."""
+    return Watch(
+        watch_id=watch_id,
+        task_id=new.task_id,
+        callback_url=new.callback_url,
+        metadata=new.metadata,
+        state=WatchState.WATCHING,
+        created_at=now,
+        updated_at=now,
+        deadline_at=deadline_at,
+        task_status=None,
+        polls=0,
+        next_poll_at=now,
+        delivery_attempts=0,
+        last_error=None,
     )
 
 

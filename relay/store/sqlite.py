@@ -34,6 +34,7 @@ from relay.store.base import StoreConflict, StoreUnavailable
 from relay.store.rows import (
     claim_from_row,
     dumps_or_none,
+    fresh_watch,
     job_from_row,
     task_update_params,
     watch_from_row,
@@ -335,14 +336,16 @@ class SQLiteStore:
     async def register(
         self, new: NewWatch, *, watch_id: str, now: float, deadline_at: float
     ) -> tuple[Watch, bool]:
-        def register(conn: sqlite3.Connection) -> tuple[str, bool]:
+        def register(conn: sqlite3.Connection) -> tuple[Watch, bool]:
             row = conn.execute(
                 "SELECT watch_id FROM watches WHERE task_id = ? AND callback_url = ?"
                 " AND state IN ('watching', 'delivering')",
                 (new.task_id, new.callback_url),
             ).fetchone()
             if row is not None:
-                return row[0], False
+                found = self._get(conn, row[0])
+                assert found is not None
+                return found, False
             conn.execute(
                 "INSERT INTO watches (watch_id, task_id, callback_url, metadata, state,"
                 " created_at, updated_at, deadline_at) VALUES (?, ?, ?, ?, 'watching', ?, ?, ?)",
@@ -357,20 +360,18 @@ class SQLiteStore:
                 ),
             )
             # The first poll of a new stream is due at once; an existing stream keeps its pace.
-            conn.execute(
+            stream = conn.execute(
                 "INSERT INTO tasks (task_id, next_poll_at, updated_at) VALUES (?, ?, ?)"
                 " ON CONFLICT (task_id) DO NOTHING",
                 (new.task_id, now, now),
             )
-            return watch_id, True
+            if stream.rowcount == 1:  # a new stream: what a read-back would say is known
+                return fresh_watch(new, watch_id=watch_id, now=now, deadline_at=deadline_at), True
+            joined = self._get(conn, watch_id)  # it shares a stream: show the stream's state
+            assert joined is not None
+            return joined, True
 
-        def run(conn: sqlite3.Connection) -> tuple[Watch, bool]:
-            found_id, created = register(conn)
-            watch = self._get(conn, found_id)
-            assert watch is not None
-            return watch, created
-
-        return await self._write(run)
+        return await self._write(register)
 
     @staticmethod
     def _get(conn: sqlite3.Connection, watch_id: str) -> Watch | None:

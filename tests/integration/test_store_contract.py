@@ -298,6 +298,7 @@ async def test_another_callback_url_on_the_same_task_shares_the_poll_stream(stor
     second = await register(store, "wt_02", callback_url=OTHER_HOOK, now=T0 + 2)
 
     assert (T0 + 8, 1, "handling") == (second.next_poll_at, second.polls, second.task_status)
+    assert second == await store.get_watch("wt_02")
     assert [] == await store.claim_due_tasks(now=T0 + 7, limit=10, lease_s=LEASE)
     claims = await store.claim_due_tasks(now=T0 + 8, limit=10, lease_s=LEASE)
     assert [TASK_A] == [c.task_id for c in claims]
