@@ -16,7 +16,9 @@ pytestmark = pytest.mark.slow
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RUN_TIMEOUT_S = 120.0
-SCENARIOS = ["burst", "ceiling", "notify", "polls", "registration", "replicas", "scale"]
+SCENARIOS = [
+    "burst", "ceiling", "notify", "polls", "polls-workers", "registration", "replicas", "scale",
+]  # fmt: skip
 
 
 def _number(value: Any) -> bool:
@@ -34,6 +36,8 @@ def _figures(doc: dict[str, Any]) -> dict[str, Any]:
         "polls.polls_per_s": s["polls"]["polls_per_s"],
         "polls.relay_cpu_s_per_1k_polls": s["polls"]["relay_cpu_s_per_1k_polls"],
         "polls.ratio_to_ceiling": s["polls"]["ratio_to_ceiling"],
+        "polls-workers.polls_per_s": s["polls-workers"]["polls_per_s"],
+        "polls-workers.relay_cpu_s_per_1k_polls": s["polls-workers"]["relay_cpu_s_per_1k_polls"],
         "notify.latency_ms.p50": s["notify"]["latency_ms"]["p50"],
         "notify.latency_ms.p99": s["notify"]["latency_ms"]["p99"],
         "notify.latency_ms.max": s["notify"]["latency_ms"]["max"],
@@ -76,3 +80,4 @@ def test_quick_bench_reports_every_scenario_with_numeric_figures(tmp_path: Path)
     }
     assert 7 == len(doc["targets"])
     assert "scale 10,000" in done.stdout
+    assert "poll processes" in done.stdout
