@@ -129,8 +129,11 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
     if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
         raise _too_large()
     try:
-        async with asyncio.timeout(BODY_READ_TIMEOUT_S):
+        if request.content.is_eof():  # all of it arrived with the head: nothing to wait for
             raw = await request.read()
+        else:
+            async with asyncio.timeout(BODY_READ_TIMEOUT_S):
+                raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise _too_large() from None
     except TimeoutError:
