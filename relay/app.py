@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry
 from yarl import URL
 
 from relay import __version__, api, logs
-from relay.config import Settings
+from relay.config import LEASE_MARGIN_S, UPSTREAM_ATTEMPTS, Settings
 from relay.delivery import CallbackSender, Deliverer
 from relay.metrics import Metrics
 from relay.models import ACTIVE_STATES, WatchState
@@ -160,7 +160,7 @@ async def _loops_ctx(
     )
     workers = None
     if settings.poll_processes:
-        workers = PollWorkerPool(
+        workers = fetcher = PollWorkerPool(
             WorkerConfig(
                 base_url=settings.upstream_url,
                 api_key=api_key,
@@ -170,11 +170,11 @@ async def _loops_ctx(
                 log_level=settings.log_level,
             ),
             processes=settings.poll_processes,
-            answer_timeout_s=settings.poll_lease_s,
+            # A stuck child is killed before its polls' leases run out (the lease is longer than
+            # this by the rest of LEASE_MARGIN_S), so no other claimer polls them meanwhile.
+            answer_timeout_s=settings.upstream_timeout_s * UPSTREAM_ATTEMPTS + LEASE_MARGIN_S / 2,
             metrics=metrics,
         )
-        await workers.start()
-        fetcher = workers
     poller = Poller(
         store=store,
         fetcher=fetcher,
@@ -190,19 +190,21 @@ async def _loops_ctx(
     app[POLLER] = poller
     app[DELIVERER] = deliverer
     stopping = app[STOPPING]
-    if run_loops:
-        await join_replicas(app)
-        for name, coro in (
-            ("poll", poller.run(stopping)),
-            ("delivery", deliverer.run(stopping)),
-            ("gauges", _refresh_gauges(app, stopping)),
-            ("heartbeat", _heartbeat(app, stopping)),
-            ("listen", store.listen_registrations(poller.wake, stopping)),
-        ):
-            task = asyncio.create_task(coro, name=f"relay-{name}")
-            task.add_done_callback(partial(_loop_ended, stopping=stopping, on_fatal=on_fatal))
-            app[LOOP_TASKS].append(task)
-    try:
+    try:  # whatever fails from here on, the children and sessions are closed below
+        if workers is not None:
+            await workers.start()
+        if run_loops:
+            await join_replicas(app)
+            for name, coro in (
+                ("poll", poller.run(stopping)),
+                ("delivery", deliverer.run(stopping)),
+                ("gauges", _refresh_gauges(app, stopping)),
+                ("heartbeat", _heartbeat(app, stopping)),
+                ("listen", store.listen_registrations(poller.wake, stopping)),
+            ):
+                task = asyncio.create_task(coro, name=f"relay-{name}")
+                task.add_done_callback(partial(_loop_ended, stopping=stopping, on_fatal=on_fatal))
+                app[LOOP_TASKS].append(task)
         yield
     finally:
         stopping.set()

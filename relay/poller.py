@@ -41,6 +41,8 @@ def burst_for(rps: float) -> float:
 
 
 EXPIRY_EVERY_S = 1.0
+# While no poll worker runs, how often the loop looks again (a restarted one is up in ~0.5 s).
+FETCHER_RECHECK_S = 0.25
 
 
 class Poller(WorkLoop[TaskClaim]):
@@ -61,11 +63,7 @@ class Poller(WorkLoop[TaskClaim]):
         rand: Callable[[], float] = random.random,
         on_finished: Callable[[], None] = lambda: None,
     ) -> None:
-        # One pool's worth of claims waits ready: with polls' HTTP in worker processes this
-        # process idles between claims, and a claim's round trip would otherwise empty the pool.
-        super().__init__(
-            metrics=metrics, concurrency=concurrency, clock=clock, prefetch=concurrency
-        )
+        super().__init__(metrics=metrics, concurrency=concurrency, clock=clock)
         self._store = store
         self._fetcher = fetcher
         self._policy = policy
@@ -127,6 +125,8 @@ class Poller(WorkLoop[TaskClaim]):
             budget = min(budget, 1)  # while the key is rejected, probe with one poll at a time
         if budget <= 0 or now < self._paused_until or now < self._held_until:
             return []
+        if not self._fetcher.available:
+            return []  # no poll worker running: a claim would only burn its stream's backoff
         claims = await self._store.claim_due_tasks(now=now, limit=budget, lease_s=self._lease_s)
         self._bucket.take(now, len(claims))
         return claims
@@ -137,6 +137,8 @@ class Poller(WorkLoop[TaskClaim]):
             return resume
         if self._bucket.available(now) <= 0:
             return now + self._bucket.wait_s(now)
+        if not self._fetcher.available:
+            return now + FETCHER_RECHECK_S
         due = await self._store.next_poll_due_at()
         return None if due is None else min(due, self._last_expiry + EXPIRY_EVERY_S)
 

@@ -24,7 +24,7 @@ import signal
 import struct
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import orjson
@@ -57,10 +57,18 @@ RETRY_AFTER = 5  # payload: the answer's Retry-After header; sent just before it
 FAILURE = 6  # payload: JSON [outcome, detail] of a transport failure
 WANT_TOKEN = 7  # the child wants to retry a dropped connection: it waits for a TOKEN
 
+# Bumped whenever the frames change: a child started from newer or older code on disk (an
+# upgrade in place) refuses a CONFIG of another version instead of misreading frames.
+PROTOCOL_VERSION = 1
 RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 # A child that lived this long before it died starts again at once, not after a backoff.
 STABLE_AFTER_S = 60.0
 STOP_GRACE_S = 5.0
+WATCH_EVERY_S = 0.25
+# Whatever the relay's own environment holds (the API key, tokens, signing secrets, the store's
+# password) stays out of the children's: they get what Python and TLS need, and nothing named
+# RELAY_*; their settings come over stdin.
+_SECRET_PREFIXES = ("RELAY_",)
 
 
 class FrameError(Exception):
@@ -125,12 +133,13 @@ class WorkerConfig:
     """What a child needs to poll; sent on its stdin, never in its arguments or environment."""
 
     base_url: str
-    api_key: str | None
+    api_key: str | None = field(repr=False)
     timeout_s: float
     concurrency: int
     event_loop: str
     log_level: str
     attempts: int = UPSTREAM_ATTEMPTS
+    protocol: int = PROTOCOL_VERSION
 
 
 # --- the relay's side -----------------------------------------------------------------------------
@@ -155,7 +164,8 @@ class _Child(asyncio.SubprocessProtocol):
         self.outbox: Outbox | None = None
         self.ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.started_at = 0.0
-        self.gone = False
+        self.gone = False  # exited, both pipes closed
+        self.dying = False  # killed, or its stream broken: no new polls go to it
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not derive from asyncio's classes; they have the same methods.
@@ -175,24 +185,38 @@ class _Child(asyncio.SubprocessProtocol):
             entry = self.pending.get(request_id)
             if entry is None:
                 continue  # its poll was cancelled meanwhile
-            if kind == ANSWER:
-                del self.pending[request_id]
-                _settle(entry.future, Answer(small, payload, entry.retry_after))
-            elif kind == RETRY_AFTER:
-                entry.retry_after = payload.decode("utf-8", "surrogateescape")
-            elif kind == FAILURE:
-                del self.pending[request_id]
-                outcome, detail = orjson.loads(payload)
-                _settle(entry.future, PollResult(outcome=PollOutcome(outcome), detail=detail))
-            elif kind == WANT_TOKEN:
-                self._pool.grant(self, request_id, entry.before_retry)
+            try:
+                self._on_frame(kind, request_id, small, payload, entry)
+            except Exception as exc:  # a frame this relay cannot read: the child is not ours
+                logs.event(log, "poll_worker_broken", logging.ERROR, detail=repr(exc)[:200])
+                self.pending.pop(request_id, None)
+                _settle(entry.future, _WORKER_FAILED)
+                self.kill()
+                return
+
+    def _on_frame(
+        self, kind: int, request_id: int, small: int, payload: bytes, entry: _Pending
+    ) -> None:
+        if kind == ANSWER:
+            del self.pending[request_id]
+            _settle(entry.future, Answer(small, payload, entry.retry_after))
+        elif kind == RETRY_AFTER:
+            entry.retry_after = payload.decode("utf-8", "surrogateescape")
+        elif kind == FAILURE:
+            outcome, detail = orjson.loads(payload)
+            result = PollResult(outcome=PollOutcome(outcome), detail=str(detail))
+            del self.pending[request_id]
+            _settle(entry.future, result)
+        elif kind == WANT_TOKEN:
+            self._pool.grant(self, request_id, entry.before_retry)
+        else:
+            raise FrameError(f"frame kind {kind} from a child")
 
     def connection_lost(self, exc: Exception | None) -> None:
         # The process has exited and both pipes are closed: every answer it wrote has been read.
         self.gone = True
-        failed = PollResult(outcome=PollOutcome.NETWORK_ERROR, detail="poll worker exited")
         for entry in self.pending.values():
-            _settle(entry.future, failed)
+            _settle(entry.future, _WORKER_FAILED)
         self.pending.clear()
         if self.transport is not None:
             self.transport.close()  # the process is gone; this releases the transport itself
@@ -205,6 +229,7 @@ class _Child(asyncio.SubprocessProtocol):
             self.outbox.send(frame)
 
     def kill(self) -> None:
+        self.dying = True
         if self.transport is not None and not self.transport.is_closing():
             with contextlib.suppress(ProcessLookupError):
                 self.transport.kill()
@@ -214,9 +239,16 @@ class _Child(asyncio.SubprocessProtocol):
         return None if self.transport is None else self.transport.get_pid()
 
 
+_WORKER_FAILED = PollResult(outcome=PollOutcome.NETWORK_ERROR, detail="poll worker exited")
+
+
 def _settle(future: asyncio.Future[Any], value: Any) -> None:
     if not future.done():
         future.set_result(value)
+
+
+def _child_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith(_SECRET_PREFIXES)}
 
 
 class PollWorkerPool:
@@ -261,6 +293,7 @@ class PollWorkerPool:
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=None,  # the child logs to the relay's stderr
+            env=_child_env(),
         )
         child.started_at = loop.time()
         child.send(encode(CONFIG, 0, orjson.dumps(self._config)))
@@ -270,9 +303,10 @@ class PollWorkerPool:
     async def fetch(
         self, task_id: str, *, now: float, before_retry: RetryGate | None = None
     ) -> PollResult:
-        if not self._children:
+        live = [c for c in self._children if not c.dying]
+        if not live:
             return PollResult(outcome=PollOutcome.NETWORK_ERROR, detail="no poll worker running")
-        child = min(self._children, key=lambda c: len(c.pending))
+        child = min(live, key=lambda c: len(c.pending))
         loop = asyncio.get_running_loop()
         request_id = next(self._request_ids) & 0xFFFFFFFF
         future: asyncio.Future[Answer | PollResult] = loop.create_future()
@@ -291,6 +325,8 @@ class PollWorkerPool:
             return
 
         async def when_paid() -> None:
+            if request_id not in child.pending:
+                return  # its poll ended meanwhile: no token spent on it
             await before_retry()
             if request_id in child.pending:
                 child.send(encode(TOKEN, request_id))
@@ -322,13 +358,18 @@ class PollWorkerPool:
         self._metrics.poll_worker_exits.inc()
         self._keep(self._restart_after(delay))
 
+    @property
+    def available(self) -> bool:
+        """Whether a child is running to take polls (while none is, the poller holds claims)."""
+        return any(not c.dying for c in self._children)
+
     async def _restart_after(self, delay: float) -> None:
         await asyncio.sleep(delay)
         if not self._closing:
             try:
                 await self._spawn()
-            except OSError as exc:
-                logs.event(log, "poll_worker_spawn_failed", logging.ERROR, detail=str(exc))
+            except Exception as exc:  # never give up on a child: the poller waits for one
+                logs.event(log, "poll_worker_spawn_failed", logging.ERROR, detail=repr(exc)[:200])
                 self._failures_in_a_row += 1
                 self._keep(self._restart_after(RESTART_BACKOFF_S[-1]))
 
@@ -336,7 +377,7 @@ class PollWorkerPool:
         """Kill a child whose oldest poll is past the answer deadline: it has stopped working."""
         loop = asyncio.get_running_loop()
         while not self._closing:
-            await asyncio.sleep(min(1.0, self._answer_timeout_s / 4))
+            await asyncio.sleep(min(WATCH_EVERY_S, self._answer_timeout_s / 4))
             now = loop.time()
             for child in list(self._children):
                 oldest = next(iter(child.pending.values()), None)
@@ -384,18 +425,35 @@ def run_worker() -> int:
     # to the whole process group must not cut their polls short first.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # Frames go out on a private copy of fd 1; fd 1 itself now points at stderr, so a stray
+    # print() anywhere in the child cannot corrupt the frame stream.
+    frames_out = os.dup(1)
+    os.dup2(2, 1)
     kind, _, _, payload = _read_first_frame(sys.stdin.fileno())
-    if kind != CONFIG:
-        print(f"poll-worker: the first frame is kind {kind}, not CONFIG", file=sys.stderr)
+    fields = orjson.loads(payload) if kind == CONFIG else {}
+    if fields.get("protocol") != PROTOCOL_VERSION:
+        print(
+            f"poll-worker: the relay speaks frame protocol {fields.get('protocol')}, this code"
+            f" {PROTOCOL_VERSION} (upgraded in place?): restart the relay",
+            file=sys.stderr,
+        )
         return 2
-    config = WorkerConfig(**orjson.loads(payload))
+    config = WorkerConfig(**fields)
     logs.configure(config.log_level)
+    pid = os.getpid()
+
+    def tag(record: logging.LogRecord) -> bool:
+        record.poll_worker_pid = pid  # its lines interleave with the relay's on one stderr
+        return True
+
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(tag)
     if config.event_loop == "uvloop":
         import uvloop
 
-        uvloop.run(_serve(config))
+        uvloop.run(_serve(config, frames_out))
     else:
-        asyncio.run(_serve(config))
+        asyncio.run(_serve(config, frames_out))
     return 0
 
 
@@ -435,7 +493,17 @@ class _Requests(asyncio.Protocol):
         _settle(self.closed, None)
 
 
-async def _serve(config: WorkerConfig) -> None:
+class _Drained(asyncio.Protocol):
+    """The frames pipe's protocol: `closed` resolves once everything written has left."""
+
+    def __init__(self) -> None:
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        _settle(self.closed, None)
+
+
+async def _serve(config: WorkerConfig, frames_out: int) -> None:
     loop = asyncio.get_running_loop()
     session = make_upstream_session(concurrency=config.concurrency)
     client = UpstreamClient(
@@ -445,13 +513,15 @@ async def _serve(config: WorkerConfig) -> None:
         timeout_s=config.timeout_s,
         attempts=config.attempts,
     )
-    stdout, _ = await loop.connect_write_pipe(asyncio.Protocol, sys.stdout.buffer)
+    stdout, drained = await loop.connect_write_pipe(_Drained, os.fdopen(frames_out, "wb"))
     outbox = Outbox(stdout)
     tokens: dict[int, asyncio.Future[None]] = {}
     polls: set[asyncio.Task[None]] = set()
 
     async def poll(request_id: int, task_id: str) -> None:
         async def token() -> None:
+            if requests.closed.done():
+                raise ConnectionAbortedError("the relay is stopping: no more retries")
             paid = loop.create_future()
             tokens[request_id] = paid
             outbox.send(encode(WANT_TOKEN, request_id))
@@ -485,7 +555,12 @@ async def _serve(config: WorkerConfig) -> None:
 
     _, requests = await loop.connect_read_pipe(lambda: _Requests(on_frame), sys.stdin.buffer)
     await requests.closed
+    # No token will come any more: a retry waiting for one ends now, as a network error.
+    for paid in tokens.values():
+        if not paid.done():
+            paid.set_exception(ConnectionAbortedError("the relay is stopping: no more retries"))
     while polls:
         await asyncio.gather(*polls, return_exceptions=True)
     outbox.close()
+    await drained.closed  # every answer written has reached the pipe
     await session.close()

@@ -59,6 +59,11 @@ RetryGate = Callable[[], Awaitable[None]]
 
 
 class TaskFetcher(Protocol):
+    @property
+    def available(self) -> bool:
+        """False while no poll can be made at all (no poll worker running): claim nothing."""
+        ...
+
     async def fetch(
         self, task_id: str, *, now: float, before_retry: RetryGate | None = None
     ) -> PollResult: ...
@@ -154,6 +159,10 @@ class UpstreamClient:
             if attempts > 1
             else None
         )
+
+    @property
+    def available(self) -> bool:
+        return True
 
     def _task_url(self, task_id: str) -> URL:
         # Registered task ids are [A-Za-z0-9_-] (api.py): already a valid path segment, so yarl

@@ -10,7 +10,6 @@ from __future__ import annotations
 import abc
 import asyncio
 import logging
-from collections import deque
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
@@ -32,21 +31,9 @@ class WorkLoop(abc.ABC, Generic[J]):
     name: str
     log: logging.Logger
 
-    def __init__(
-        self,
-        *,
-        metrics: Metrics,
-        concurrency: int,
-        clock: Callable[[], float],
-        prefetch: int = 0,
-    ) -> None:
+    def __init__(self, *, metrics: Metrics, concurrency: int, clock: Callable[[], float]) -> None:
         self._metrics = metrics
         self._concurrency = concurrency
-        # Up to `prefetch` items are claimed ahead of free slots and wait in `_ready`: a slot that
-        # frees starts the next item at once, not after a claim's round trip to the store.
-        self._capacity = concurrency + prefetch
-        self._ready: deque[J] = deque()
-        self._draining = False
         self._clock = clock
         # The wake-up: a flag, and the future the idle loop waits on (if it is idle). Cheaper per
         # finished item than an asyncio.Event raced against `stopping` with asyncio.wait.
@@ -116,13 +103,6 @@ class WorkLoop(abc.ABC, Generic[J]):
                 await self._sleep(wait)
         finally:
             stop_watch.cancel()
-        self._draining = True
-        ready, self._ready = list(self._ready), deque()
-        if ready:
-            try:
-                await self._hand_back(ready, self._clock())
-            except StoreUnavailable as exc:
-                self._store_unavailable(exc)  # their leases bring them back: nothing is lost
         if self._in_flight:
             await asyncio.gather(*self._in_flight, return_exceptions=True)
 
@@ -130,28 +110,27 @@ class WorkLoop(abc.ABC, Generic[J]):
         await stopping.wait()
         self.wake()
 
-    def _room(self) -> int:
-        """How many more items may be claimed: free slots, and free places in `_ready`."""
-        return self._capacity - self._active - len(self._ready)
-
     async def _run_once(self) -> float:
         now = self._clock()
-        room = self._room()
-        if room <= 0:
+        free = self._concurrency - self._active
+        if free <= 0:
             return IDLE_WAIT_S  # a finishing item wakes this loop
-        if (self._active or self._ready) and room < self._claim_batch:
+        if self._active and free < self._claim_batch:
             if self._short_since is None:
                 self._short_since = now
             wait = self._short_since + DUE_BATCH_WINDOW_S - now
             if wait > 0:
                 return wait  # or sooner: a batch's worth of finishing items wakes this loop
         self._short_since = None
-        items = await self._claim(now, room)
-        self._ready.extend(items)
-        self._start_ready()
-        if items and len(items) == room:
+        items = await self._claim(now, free)
+        self._active += len(items)
+        for item in items:
+            task = asyncio.create_task(self._handle_guarded(item))
+            self._in_flight.add(task)
+            task.add_done_callback(self._item_done)
+        if items and len(items) == free:
             return 0.0  # the pool is full; go round, and wait for a finishing item there
-        if self._room() <= 0:
+        if self._active >= self._concurrency:
             return IDLE_WAIT_S  # a finishing item wakes this loop
         due = await self._next_due_at(now)
         if due is None:
@@ -205,22 +184,13 @@ class WorkLoop(abc.ABC, Generic[J]):
         else:
             self._slot_freed()
 
-    def _start_ready(self) -> None:
-        ready = self._ready
-        while ready and self._active < self._concurrency and not self._draining:
-            self._active += 1
-            task = asyncio.create_task(self._handle_guarded(ready.popleft()))
-            self._in_flight.add(task)
-            task.add_done_callback(self._item_done)
-
     def _slot_freed(self) -> None:
         self._active -= 1
-        self._start_ready()
-        room = self._room()
-        # A busy pool claims once a batch's worth of room is free (see _run_once): waking it
-        # for less would only send it back to sleep. A full pool's first free place does wake
+        free = self._concurrency - self._active
+        # A busy pool claims once a batch's worth of slots is free (see _run_once): waking it
+        # for less would only send it back to sleep. A full pool's first free slot does wake
         # it, to start the DUE_BATCH_WINDOW_S it waits at most for the rest of the batch.
-        if room >= self._claim_batch or room == 1:
+        if free >= self._claim_batch or free == 1:
             self.wake()
 
     def _store_unavailable(self, exc: StoreUnavailable) -> None:

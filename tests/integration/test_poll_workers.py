@@ -7,10 +7,14 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 from aiohttp.test_utils import TestServer
 from prometheus_client import CollectorRegistry
@@ -18,7 +22,7 @@ from prometheus_client import CollectorRegistry
 from relay.fake_upstream import FAKE_UPSTREAM_KEY, FakeUpstream, create_fake_upstream_app
 from relay.metrics import Metrics
 from relay.models import PollOutcome, PollResult
-from relay.pollworkers import PollWorkerPool, WorkerConfig
+from relay.pollworkers import CONFIG, PROTOCOL_VERSION, PollWorkerPool, WorkerConfig, encode
 from relay.upstream import UpstreamClient, make_upstream_session
 
 KEY = "k-poll-workers"
@@ -222,3 +226,110 @@ async def test_no_worker_running_is_a_network_error_not_a_hang(fake: Fake) -> No
         )
     finally:
         await pool.close()
+
+
+# A child that reads its CONFIG, then answers every FETCH with a FAILURE the relay cannot read
+# (an outcome no PollOutcome has): what a child of other code would do.
+_GARBLING_CHILD = """
+import os, struct, sys
+HEADER = struct.Struct("<BIHI")
+def read(n):
+    data = b""
+    while len(data) < n:
+        chunk = os.read(0, n - len(data))
+        if not chunk:
+            sys.exit(0)
+        data += chunk
+    return data
+kind, rid, small, length = HEADER.unpack(read(HEADER.size)); read(length)
+while True:
+    kind, rid, small, length = HEADER.unpack(read(HEADER.size)); read(length)
+    payload = b'["no-such-outcome", "?"]'
+    os.write(1, HEADER.pack(6, rid, 0, len(payload)) + payload)
+"""
+
+
+async def test_a_frame_the_relay_cannot_read_fails_that_poll_and_replaces_the_child(
+    fake: Fake,
+) -> None:
+    pool = PollWorkerPool(
+        _config(fake.url),
+        processes=1,
+        answer_timeout_s=30.0,
+        metrics=Metrics(CollectorRegistry()),
+        command=(sys.executable, "-c", _GARBLING_CHILD),
+    )
+    await pool.start()
+    try:
+        (child,) = pool.children
+        result = await asyncio.wait_for(pool.fetch("tk-hiapi-1", now=0.0), BOUND_S)
+        assert (result.outcome, result.detail) == (PollOutcome.NETWORK_ERROR, "poll worker exited")
+        assert not child.pending  # nothing left behind for a watchdog that would never come
+        await _until(lambda: len(pool.children) == 1 and pool.children[0] is not child)
+    finally:
+        await pool.close()
+
+
+async def test_a_child_gets_no_relay_setting_in_its_environment(
+    fake: Fake,
+    pool_for: Callable[..., Awaitable[PollWorkerPool]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Secrets reach a child only as its CONFIG frame on stdin, never in /proc/<pid>/environ."""
+    monkeypatch.setenv("RELAY_UPSTREAM_API_KEY", "sk-should-not-be-inherited")
+    monkeypatch.setenv("RELAY_STORE_URL", "postgresql://relay:pw-should-not@127.0.0.1/x")
+    pool = await pool_for()
+    (child,) = pool.children
+    environ = Path(f"/proc/{child.pid}/environ").read_bytes().split(b"\0")
+    assert [] == [v for v in environ if v.startswith(b"RELAY_")]
+    assert "sk-" not in repr(pool._config)  # the dataclass repr leaves the key out
+    result = await asyncio.wait_for(pool.fetch("tk-hiapi-env", now=0.0), BOUND_S)
+    assert result.outcome is PollOutcome.OK  # the key it got over stdin works
+
+
+def test_a_child_of_another_frame_protocol_refuses_to_start() -> None:
+    """An in-place upgrade: the relay's frames and the code on disk disagree; the child says so."""
+    config = orjson.dumps(
+        {
+            "base_url": "http://127.0.0.1:9",
+            "api_key": None,
+            "timeout_s": 1.0,
+            "concurrency": 1,
+            "event_loop": "asyncio",
+            "log_level": "WARNING",
+            "protocol": PROTOCOL_VERSION + 1,
+        }
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "relay", "poll-worker"],
+        input=encode(CONFIG, 0, config),
+        capture_output=True,
+        timeout=BOUND_S,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert b"frame protocol" in done.stderr
+    assert done.stdout == b""
+
+
+@pytest.mark.parametrize("case", ["ok", "dropped-once", "rate-limited"])
+async def test_a_child_on_uvloop_answers_as_one_on_asyncio(fake: Fake, case: str) -> None:
+    """The relay's default loop is uvloop: its pipes and subprocess transports, in the child."""
+    results = []
+    for event_loop in ("asyncio", "uvloop"):
+        pool = PollWorkerPool(
+            _config(fake.url, event_loop=event_loop),
+            processes=1,
+            answer_timeout_s=30.0,
+            metrics=Metrics(CollectorRegistry()),
+        )
+        await pool.start()
+        try:
+            task_id = f"tk-hiapi-{case}-{event_loop}"
+            if SCRIPTS[case]:
+                await fake.script(task_id, *SCRIPTS[case])
+            result = await asyncio.wait_for(pool.fetch(task_id, now=1_000.0), BOUND_S)
+            results.append((result.outcome, result.http_status, result.retry_after))
+        finally:
+            await pool.close()
+    assert results[0] == results[1]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
@@ -25,3 +26,8 @@ def test_iso_utc_matches_datetime_to_the_millisecond(epoch_s: float) -> None:
 def test_the_same_second_twice_is_formatted_alike() -> None:
     assert iso_utc(1_796_160_000.25) == "2026-12-01T21:20:00.250Z"
     assert iso_utc(1_796_160_000.5) == "2026-12-01T21:20:00.500Z"
+
+
+def test_past_year_9999_it_fails_as_datetime_does() -> None:
+    with pytest.raises((ValueError, OverflowError, OSError)):
+        iso_utc(253_402_300_800.0)

@@ -137,18 +137,15 @@ async def test_slow_items_in_flight_do_not_hold_back_work_due_for_the_free_slots
         await runner
 
 
-class Prefetching(WorkLoop[int]):
+class HeldOpen(WorkLoop[int]):
     """Items 0..9 always due; each runs until the test releases it."""
 
     name = "test"
     log = logging.getLogger("test.workloop")
 
-    def __init__(self, *, concurrency: int, prefetch: int, release_slot_early: bool = False):
+    def __init__(self, *, concurrency: int, release_slot_early: bool = False):
         super().__init__(
-            metrics=Metrics(CollectorRegistry()),
-            concurrency=concurrency,
-            clock=time.time,
-            prefetch=prefetch,
+            metrics=Metrics(CollectorRegistry()), concurrency=concurrency, clock=time.time
         )
         self.due = list(range(10))
         self.asked: list[int] = []
@@ -183,44 +180,9 @@ async def _until(condition: Callable[[], bool]) -> None:
     await asyncio.wait_for(poll(), IDLE_WAIT_S / 2)
 
 
-async def test_a_freed_slot_starts_a_prefetched_item_without_a_claim_in_between() -> None:
-    loop = Prefetching(concurrency=2, prefetch=2)
-    stopping = asyncio.Event()
-    runner = asyncio.create_task(loop.run(stopping))
-    try:
-        await _until(lambda: loop.in_flight == 2)
-        assert loop.asked[0] == 4  # two slots and two places in the ready queue
-        assert set(loop.started) == {0, 1}
-        claims_before = len(loop.asked)
-        loop.release[0].set()
-        await _until(lambda: 2 in loop.started)
-        assert loop.started[2] == claims_before  # no claim's round trip before it started
-        assert loop.in_flight == 2
-    finally:
-        stopping.set()
-        for event in loop.release.values():
-            event.set()
-        await runner
-
-
-async def test_a_stop_hands_back_the_prefetched_items_and_lets_the_running_ones_finish() -> None:
-    loop = Prefetching(concurrency=2, prefetch=2)
-    stopping = asyncio.Event()
-    runner = asyncio.create_task(loop.run(stopping))
-    await _until(lambda: loop.in_flight == 2 and len(loop.asked) >= 1)
-    stopping.set()
-    await _until(lambda: bool(loop.handed_back))
-    assert loop.handed_back == [2, 3]  # claimed, never started: due again at once
-    assert not runner.done()  # items 0 and 1 are still running: the drain waits for them
-    loop.release[0].set()
-    loop.release[1].set()
-    await asyncio.wait_for(runner, IDLE_WAIT_S / 2)
-    assert set(loop.started) == {0, 1}
-
-
 async def test_an_item_that_releases_its_slot_lets_the_next_start_while_it_still_runs() -> None:
     """The poller releases a slot when its request has its answer, before writing the result."""
-    loop = Prefetching(concurrency=1, prefetch=0, release_slot_early=True)
+    loop = HeldOpen(concurrency=1, release_slot_early=True)
     stopping = asyncio.Event()
     runner = asyncio.create_task(loop.run(stopping))
     try:
