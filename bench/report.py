@@ -245,7 +245,8 @@ def _polls_rows(p: dict[str, Any], add: Add) -> None:
     add("polls" if workers is None else f"polls, {workers} poll processes",
         "sustained polls/s (budget lifted)", f"{p['polls_per_s']:,.0f}/s")  # fmt: skip
     ratio = p["ratio_to_ceiling"]
-    add("", "ratio to ceiling", "-" if ratio is None else f"{100 * ratio:.0f}%",
+    add("", "ratio to the ceiling measured right after",
+        "-" if ratio is None else f"{100 * ratio:.0f}% of {p['ceiling_per_s']:,.0f}/s",
         "polls_vs_ceiling", ratio)  # fmt: skip
     add("", "relay CPU per 1,000 polls", f"{p['relay_cpu_s_per_1k_polls']:.3f} s")
     add("", "cores used: relay / upstream / rest", _cores(p["cpu"], "relay", "upstream"))
