@@ -49,6 +49,7 @@ ALERTS = {
     "RelayDeliveryLatencyHigh",
     "RelaySchedulerLagHigh",
     "RelayWatchesPilingUp",
+    "RelayPollWorkersCrashing",
     "RelayDown",
 }
 # Series Prometheus makes itself for every target; the relay does not expose them.
