@@ -56,15 +56,17 @@ ANSWER = 4  # small: HTTP status; payload: the body
 RETRY_AFTER = 5  # payload: the answer's Retry-After header; sent just before its ANSWER
 FAILURE = 6  # payload: JSON [outcome, detail] of a transport failure
 WANT_TOKEN = 7  # the child wants to retry a dropped connection: it waits for a TOKEN
+READY = 8  # the child accepted its CONFIG and serves FETCH frames from now on
 
 # Bumped whenever the frames change: a child started from newer or older code on disk (an
 # upgrade in place) refuses a CONFIG of another version instead of misreading frames.
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 # A child that lived this long before it died starts again at once, not after a backoff.
 STABLE_AFTER_S = 60.0
 STOP_GRACE_S = 5.0
 WATCH_EVERY_S = 0.25
+START_WAIT_S = 10.0
 # Whatever the relay's own environment holds (the API key, tokens, signing secrets, the store's
 # password) stays out of the children's: they get what Python and TLS need, and nothing named
 # RELAY_*; their settings come over stdin.
@@ -92,7 +94,7 @@ class FrameDecoder:
         position, size, header = 0, len(buffer), HEADER.size
         while size - position >= header:
             kind, request_id, small, length = HEADER.unpack_from(buffer, position)
-            if length > MAX_PAYLOAD or not CONFIG <= kind <= WANT_TOKEN:
+            if length > MAX_PAYLOAD or not CONFIG <= kind <= READY:
                 raise FrameError(f"frame kind {kind} with {length} bytes")
             end = position + header + length
             if end > size:
@@ -166,6 +168,9 @@ class _Child(asyncio.SubprocessProtocol):
         self.started_at = 0.0
         self.gone = False  # exited, both pipes closed
         self.dying = False  # killed, or its stream broken: no new polls go to it
+        self.ready = False  # it accepted its CONFIG: polls may go to it
+        self.settled_in: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.last_heard = 0.0  # loop time of its last bytes on stdout
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not derive from asyncio's classes; they have the same methods.
@@ -173,26 +178,33 @@ class _Child(asyncio.SubprocessProtocol):
         self.outbox = Outbox(cast(asyncio.WriteTransport, self.transport.get_pipe_transport(0)))
 
     def pipe_data_received(self, fd: int, data: bytes | str) -> None:
-        if fd != 1 or self.gone:
-            return
+        if fd != 1 or self.gone or self.dying:
+            return  # a dying child's last bytes are not read: its polls fail with it
+        self.last_heard = asyncio.get_running_loop().time()
         try:
             frames = self._decoder.feed(data if isinstance(data, bytes) else data.encode())
         except FrameError as exc:
-            logs.event(log, "poll_worker_broken", logging.ERROR, detail=str(exc))
-            self.kill()
+            self._broken(str(exc))
             return
         for kind, request_id, small, payload in frames:
+            if kind == READY:
+                self.ready = True
+                _settle(self.settled_in, None)
+                continue
             entry = self.pending.get(request_id)
             if entry is None:
-                continue  # its poll was cancelled meanwhile
+                continue  # its poll was cancelled, or settled at its deadline, meanwhile
             try:
                 self._on_frame(kind, request_id, small, payload, entry)
             except Exception as exc:  # a frame this relay cannot read: the child is not ours
-                logs.event(log, "poll_worker_broken", logging.ERROR, detail=repr(exc)[:200])
                 self.pending.pop(request_id, None)
-                _settle(entry.future, _WORKER_FAILED)
-                self.kill()
+                _settle(entry.future, _UNREADABLE)
+                self._broken(repr(exc)[:200])
                 return
+
+    def _broken(self, detail: str) -> None:
+        logs.event(log, "poll_worker_broken", logging.ERROR, pid=self.pid, detail=detail)
+        self.kill()
 
     def _on_frame(
         self, kind: int, request_id: int, small: int, payload: bytes, entry: _Pending
@@ -218,6 +230,7 @@ class _Child(asyncio.SubprocessProtocol):
         for entry in self.pending.values():
             _settle(entry.future, _WORKER_FAILED)
         self.pending.clear()
+        _settle(self.settled_in, None)  # nobody waits for a READY that cannot come
         if self.transport is not None:
             self.transport.close()  # the process is gone; this releases the transport itself
         if not self.ended.done():
@@ -230,6 +243,7 @@ class _Child(asyncio.SubprocessProtocol):
 
     def kill(self) -> None:
         self.dying = True
+        self.ready = False
         if self.transport is not None and not self.transport.is_closing():
             with contextlib.suppress(ProcessLookupError):
                 self.transport.kill()
@@ -240,6 +254,10 @@ class _Child(asyncio.SubprocessProtocol):
 
 
 _WORKER_FAILED = PollResult(outcome=PollOutcome.NETWORK_ERROR, detail="poll worker exited")
+_UNREADABLE = PollResult(
+    outcome=PollOutcome.NETWORK_ERROR, detail="poll worker sent a frame the relay cannot read"
+)
+_OVERDUE = PollResult(outcome=PollOutcome.TIMEOUT, detail="no answer from the poll worker in time")
 
 
 def _settle(future: asyncio.Future[Any], value: Any) -> None:
@@ -273,16 +291,22 @@ class PollWorkerPool:
         self._background: set[asyncio.Task[None]] = set()
         self._failures_in_a_row = 0
         self._closing = False
-        metrics.poll_workers.set_function(lambda: len(self._children))
+        metrics.poll_workers.set_function(lambda: sum(c.ready for c in self._children))
 
     @property
     def children(self) -> tuple[_Child, ...]:
         return tuple(self._children)
 
     async def start(self) -> None:
+        """Start the children and wait (a bounded time) until they have taken their CONFIG."""
         for _ in range(self._processes):
             await self._spawn()
         self._keep(self._watch())
+        waiting = [c.settled_in for c in self._children]
+        if waiting:
+            await asyncio.wait(waiting, timeout=START_WAIT_S)
+        if not self.available:
+            logs.event(log, "poll_workers_not_ready", logging.ERROR, waited_s=START_WAIT_S)
 
     async def _spawn(self) -> None:
         loop = asyncio.get_running_loop()
@@ -295,7 +319,7 @@ class PollWorkerPool:
             stderr=None,  # the child logs to the relay's stderr
             env=_child_env(),
         )
-        child.started_at = loop.time()
+        child.started_at = child.last_heard = loop.time()
         child.send(encode(CONFIG, 0, orjson.dumps(self._config)))
         self._children.append(child)
         logs.event(log, "poll_worker_started", pid=child.pid)
@@ -303,7 +327,7 @@ class PollWorkerPool:
     async def fetch(
         self, task_id: str, *, now: float, before_retry: RetryGate | None = None
     ) -> PollResult:
-        live = [c for c in self._children if not c.dying]
+        live = [c for c in self._children if c.ready]
         if not live:
             return PollResult(outcome=PollOutcome.NETWORK_ERROR, detail="no poll worker running")
         child = min(live, key=lambda c: len(c.pending))
@@ -324,10 +348,19 @@ class PollWorkerPool:
             child.send(encode(TOKEN, request_id))
             return
 
+        entry = child.pending.get(request_id)
+        if entry is None or self._closing:
+            return  # its poll has ended, or the child is being stopped: no token for it
+
         async def when_paid() -> None:
-            if request_id not in child.pending:
-                return  # its poll ended meanwhile: no token spent on it
-            await before_retry()
+            paying = asyncio.ensure_future(before_retry())
+            # The poll may end while it waits (its deadline, its child's death): the wait for
+            # a token ends with it, and no token is taken for a request that never goes out.
+            await asyncio.wait((paying, entry.future), return_when=asyncio.FIRST_COMPLETED)
+            if not paying.done():
+                paying.cancel()
+                return
+            paying.result()
             if request_id in child.pending:
                 child.send(encode(TOKEN, request_id))
 
@@ -360,8 +393,8 @@ class PollWorkerPool:
 
     @property
     def available(self) -> bool:
-        """Whether a child is running to take polls (while none is, the poller holds claims)."""
-        return any(not c.dying for c in self._children)
+        """Whether a child has taken its CONFIG and takes polls (else the poller claims none)."""
+        return any(c.ready for c in self._children)
 
     async def _restart_after(self, delay: float) -> None:
         await asyncio.sleep(delay)
@@ -374,20 +407,33 @@ class PollWorkerPool:
                 self._keep(self._restart_after(RESTART_BACKOFF_S[-1]))
 
     async def _watch(self) -> None:
-        """Kill a child whose oldest poll is past the answer deadline: it has stopped working."""
+        """Polls past the answer deadline end as timeouts, each on its own, before their leases
+        run out; a child that has said nothing at all for that long with polls due is stuck,
+        and is killed."""
         loop = asyncio.get_running_loop()
+        deadline = self._answer_timeout_s
         while not self._closing:
-            await asyncio.sleep(min(WATCH_EVERY_S, self._answer_timeout_s / 4))
+            await asyncio.sleep(min(WATCH_EVERY_S, deadline / 4))
             now = loop.time()
             for child in list(self._children):
-                oldest = next(iter(child.pending.values()), None)
-                if oldest is not None and now - oldest.sent_at > self._answer_timeout_s:
+                if child.dying or not child.pending:
+                    continue
+                overdue = []
+                for request_id, entry in child.pending.items():  # oldest first
+                    if now - entry.sent_at <= deadline:
+                        break
+                    overdue.append(request_id)
+                if not overdue:
+                    continue
+                for request_id in overdue:
+                    _settle(child.pending.pop(request_id).future, _OVERDUE)
+                if now - child.last_heard > deadline:
                     logs.event(
                         log,
                         "poll_worker_unresponsive",
                         logging.ERROR,
                         pid=child.pid,
-                        waited_s=round(now - oldest.sent_at, 3),
+                        silent_s=round(now - child.last_heard, 3),
                     )
                     child.kill()
 
@@ -515,6 +561,7 @@ async def _serve(config: WorkerConfig, frames_out: int) -> None:
     )
     stdout, drained = await loop.connect_write_pipe(_Drained, os.fdopen(frames_out, "wb"))
     outbox = Outbox(stdout)
+    outbox.send(encode(READY, 0))
     tokens: dict[int, asyncio.Future[None]] = {}
     polls: set[asyncio.Task[None]] = set()
 

@@ -170,7 +170,7 @@ async def test_a_worker_killed_mid_poll_fails_that_poll_and_is_replaced(
     os.kill(child.pid, signal.SIGKILL)
     result = await asyncio.wait_for(poll, BOUND_S)
     assert (result.outcome, result.detail) == (PollOutcome.NETWORK_ERROR, "poll worker exited")
-    await _until(lambda: len(pool.children) == 1)
+    await _until(lambda: pool.available)  # a new child has taken its CONFIG
     assert pool.children[0].pid != child.pid
     after = await asyncio.wait_for(pool.fetch("tk-hiapi-after", now=0.0), BOUND_S)
     assert after.outcome is PollOutcome.OK
@@ -184,8 +184,8 @@ async def test_a_worker_that_stops_answering_is_killed_at_the_answer_deadline(
     assert child.pid is not None
     os.kill(child.pid, signal.SIGSTOP)  # alive, and answering nothing
     result = await asyncio.wait_for(pool.fetch("tk-hiapi-stuck", now=0.0), BOUND_S)
-    assert result.outcome is PollOutcome.NETWORK_ERROR
-    await _until(lambda: len(pool.children) == 1 and pool.children[0] is not child)
+    assert result.outcome is PollOutcome.TIMEOUT  # settled at the deadline, before its lease ends
+    await _until(lambda: pool.available and pool.children[0] is not child)  # silent: replaced
     after = await asyncio.wait_for(pool.fetch("tk-hiapi-after", now=0.0), BOUND_S)
     assert after.outcome is PollOutcome.OK
 
@@ -242,6 +242,7 @@ def read(n):
         data += chunk
     return data
 kind, rid, small, length = HEADER.unpack(read(HEADER.size)); read(length)
+os.write(1, HEADER.pack(8, 0, 0, 0))  # READY
 while True:
     kind, rid, small, length = HEADER.unpack(read(HEADER.size)); read(length)
     payload = b'["no-such-outcome", "?"]'
@@ -263,9 +264,12 @@ async def test_a_frame_the_relay_cannot_read_fails_that_poll_and_replaces_the_ch
     try:
         (child,) = pool.children
         result = await asyncio.wait_for(pool.fetch("tk-hiapi-1", now=0.0), BOUND_S)
-        assert (result.outcome, result.detail) == (PollOutcome.NETWORK_ERROR, "poll worker exited")
+        assert (result.outcome, result.detail) == (
+            PollOutcome.NETWORK_ERROR,
+            "poll worker sent a frame the relay cannot read",
+        )
         assert not child.pending  # nothing left behind for a watchdog that would never come
-        await _until(lambda: len(pool.children) == 1 and pool.children[0] is not child)
+        await _until(lambda: pool.available and pool.children[0] is not child)
     finally:
         await pool.close()
 
@@ -333,3 +337,137 @@ async def test_a_child_on_uvloop_answers_as_one_on_asyncio(fake: Fake, case: str
         finally:
             await pool.close()
     assert results[0] == results[1]
+
+
+_REFUSING_CHILD = """
+import os, struct, sys
+HEADER = struct.Struct("<BIHI")
+kind, rid, small, length = HEADER.unpack(os.read(0, HEADER.size))
+sys.exit(2)  # as a child of another frame protocol does, after reading its CONFIG
+"""
+
+
+async def test_a_child_that_never_takes_its_config_never_counts_as_available(fake: Fake) -> None:
+    """The poller holds its claims on `available`: a child restarting in a loop must not flip it."""
+    metrics = Metrics(CollectorRegistry())
+    pool = PollWorkerPool(
+        _config(fake.url),
+        processes=1,
+        answer_timeout_s=30.0,
+        metrics=metrics,
+        command=(sys.executable, "-c", _REFUSING_CHILD),
+    )
+    seen_available = False
+
+    def exits() -> float:
+        return metrics.registry.get_sample_value("relay_poll_worker_exits_total") or 0.0
+
+    async def watch_until_two_exits() -> None:
+        nonlocal seen_available
+        while exits() < 2:
+            seen_available |= pool.available
+            await asyncio.sleep(0.005)
+
+    try:
+        await pool.start()
+        await asyncio.wait_for(watch_until_two_exits(), BOUND_S)
+        assert not seen_available
+        result = await pool.fetch("tk-hiapi-1", now=0.0)
+        assert result.detail == "no poll worker running"
+        assert fake.fake.stats()["perTask"].get("tk-hiapi-1", 0) == 0
+    finally:
+        await pool.close()
+
+
+async def test_an_overdue_poll_times_out_alone_while_its_child_keeps_answering(fake: Fake) -> None:
+    """A poll past the answer deadline ends as a timeout; a child that still talks is not killed."""
+    pool = PollWorkerPool(
+        _config(fake.url, timeout_s=5.0),
+        processes=1,
+        answer_timeout_s=0.5,
+        metrics=Metrics(CollectorRegistry()),
+    )
+    await pool.start()
+    try:
+        (child,) = pool.children
+        await fake.script("tk-hiapi-late", {"delayS": 3})
+        late = asyncio.create_task(pool.fetch("tk-hiapi-late", now=0.0))
+        answered = 0
+        while not late.done():
+            fast = await asyncio.wait_for(pool.fetch(f"tk-hiapi-f{answered}", now=0.0), BOUND_S)
+            assert fast.outcome is PollOutcome.OK
+            answered += 1
+        result = late.result()
+        assert (result.outcome, result.detail) == (
+            PollOutcome.TIMEOUT,
+            "no answer from the poll worker in time",
+        )
+        assert pool.children == (child,)
+        assert not child.dying
+    finally:
+        await pool.close()
+
+
+@pytest.mark.parametrize("event_loop", ["asyncio", "uvloop"])
+async def test_close_delivers_every_answer_in_flight_even_large_ones(
+    fake: Fake, event_loop: str
+) -> None:
+    pool = PollWorkerPool(
+        _config(fake.url, event_loop=event_loop),
+        processes=1,
+        answer_timeout_s=30.0,
+        metrics=Metrics(CollectorRegistry()),
+    )
+    await pool.start()
+    blob = "x" * 700_000
+    for i in range(4):
+        task_id = f"tk-hiapi-big-{event_loop}-{i}"
+        data = {"taskId": task_id, "status": "queued", "blob": blob}
+        await fake.script(task_id, {"delayS": 0.3, "json": {"code": 200, "data": data}})
+    polls = [
+        asyncio.create_task(pool.fetch(f"tk-hiapi-big-{event_loop}-{i}", now=0.0)) for i in range(4)
+    ]
+    await _until(
+        lambda: (
+            sum(
+                fake.fake.stats()["perTask"].get(f"tk-hiapi-big-{event_loop}-{i}", 0)
+                for i in range(4)
+            )
+            == 4
+        )
+    )
+    await asyncio.wait_for(pool.close(), BOUND_S)
+    results = await asyncio.gather(*polls)
+    assert [r.outcome for r in results] == [PollOutcome.OK] * 4
+    assert all(r.snapshot is not None and r.snapshot.data["blob"] == blob for r in results)
+
+
+async def test_a_poll_that_ends_while_waiting_for_its_retry_token_takes_no_token(
+    fake: Fake,
+) -> None:
+    pool = PollWorkerPool(
+        _config(fake.url, timeout_s=0.5),
+        processes=1,
+        answer_timeout_s=30.0,
+        metrics=Metrics(CollectorRegistry()),
+    )
+    await pool.start()
+    try:
+        await fake.script("tk-hiapi-unpaid", {"reset": True}, {"reset": True})
+        budget_open = asyncio.Event()
+        taken = []
+
+        async def gate() -> None:
+            await budget_open.wait()
+            taken.append(1)
+
+        result = await asyncio.wait_for(
+            pool.fetch("tk-hiapi-unpaid", now=0.0, before_retry=gate), BOUND_S
+        )
+        assert result.outcome is PollOutcome.TIMEOUT  # the child's own timeout ran out waiting
+        budget_open.set()
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert taken == []
+    finally:
+        await pool.close()
