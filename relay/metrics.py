@@ -112,7 +112,7 @@ class Metrics:
         )
         self.poll_workers = Gauge(
             "relay_poll_workers",
-            "Poll worker processes running (RELAY_POLL_PROCESSES; 0: polls run in the relay).",
+            "Poll worker processes ready to take polls (RELAY_POLL_PROCESSES; 0: in the relay).",
             registry=r,
         )
         self.poll_worker_exits = Counter(
