@@ -170,8 +170,8 @@ async def _loops_ctx(
                 log_level=settings.log_level,
             ),
             processes=settings.poll_processes,
-            # A stuck child is killed before its polls' leases run out (the lease is longer than
-            # this by the rest of LEASE_MARGIN_S), so no other claimer polls them meanwhile.
+            # An unanswered poll ends as a timeout before its lease runs out (the lease is longer
+            # than this by the rest of LEASE_MARGIN_S), so no other claimer polls it meanwhile.
             answer_timeout_s=settings.upstream_timeout_s * UPSTREAM_ATTEMPTS + LEASE_MARGIN_S / 2,
             metrics=metrics,
         )

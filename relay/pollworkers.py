@@ -7,9 +7,10 @@ pool. This process keeps everything else: the store, the schedule, the rate budg
 classification of answers, metrics and logs. A child reads task ids on its stdin and writes the
 upstream's answers, as received, on its stdout: binary frames, as many per write as are ready.
 
-A child that dies fails the polls it had in flight as network errors: they take the usual
-persisted backoff, nothing is lost, and the child is started again. A child that stops answering
-is killed once its oldest poll is older than the answer deadline. Children ignore SIGINT and
+A child takes polls only once it has answered its CONFIG with READY. A child that dies fails
+the polls it had in flight as network errors: they take the usual persisted backoff, nothing is
+lost, and the child is started again. A poll past the answer deadline ends alone as a timeout;
+a child that has said nothing for that long with polls due is killed. Children ignore SIGINT and
 SIGTERM and leave when their stdin closes, after their polls in flight: the relay decides when.
 """
 
@@ -233,8 +234,7 @@ class _Child(asyncio.SubprocessProtocol):
         _settle(self.settled_in, None)  # nobody waits for a READY that cannot come
         if self.transport is not None:
             self.transport.close()  # the process is gone; this releases the transport itself
-        if not self.ended.done():
-            self.ended.set_result(None)
+        _settle(self.ended, None)
         self._pool.ended(self)
 
     def send(self, frame: bytes) -> None:
@@ -539,6 +539,9 @@ class _Requests(asyncio.Protocol):
         _settle(self.closed, None)
 
 
+_STOPPING = "the relay is stopping: no more retries"
+
+
 class _Drained(asyncio.Protocol):
     """The frames pipe's protocol: `closed` resolves once everything written has left."""
 
@@ -568,7 +571,7 @@ async def _serve(config: WorkerConfig, frames_out: int) -> None:
     async def poll(request_id: int, task_id: str) -> None:
         async def token() -> None:
             if requests.closed.done():
-                raise ConnectionAbortedError("the relay is stopping: no more retries")
+                raise ConnectionAbortedError(_STOPPING)
             paid = loop.create_future()
             tokens[request_id] = paid
             outbox.send(encode(WANT_TOKEN, request_id))
@@ -605,7 +608,7 @@ async def _serve(config: WorkerConfig, frames_out: int) -> None:
     # No token will come any more: a retry waiting for one ends now, as a network error.
     for paid in tokens.values():
         if not paid.done():
-            paid.set_exception(ConnectionAbortedError("the relay is stopping: no more retries"))
+            paid.set_exception(ConnectionAbortedError(_STOPPING))
     while polls:
         await asyncio.gather(*polls, return_exceptions=True)
     outbox.close()
