@@ -71,12 +71,21 @@ def _config(url: str, **overrides: Any) -> WorkerConfig:
 async def pool_for(fake: Fake) -> AsyncIterator[Callable[..., Awaitable[PollWorkerPool]]]:
     pools: list[PollWorkerPool] = []
 
-    async def start(processes: int = 1, answer_timeout_s: float = 30.0) -> PollWorkerPool:
+    async def start(
+        processes: int = 1,
+        answer_timeout_s: float = 30.0,
+        *,
+        command: tuple[str, ...] | None = None,
+        metrics: Metrics | None = None,
+        **config: Any,
+    ) -> PollWorkerPool:
+        """A started pool, closed after the test (closing it twice is harmless)."""
         pool = PollWorkerPool(
-            _config(fake.url),
+            _config(fake.url, **config),
             processes=processes,
             answer_timeout_s=answer_timeout_s,
-            metrics=Metrics(CollectorRegistry()),
+            metrics=metrics or Metrics(CollectorRegistry()),
+            **({} if command is None else {"command": command}),
         )
         pools.append(pool)
         await pool.start()
@@ -208,24 +217,13 @@ async def test_polls_spread_over_the_workers_and_close_waits_for_those_in_flight
         assert child.transport.get_returncode() == 0
 
 
-async def test_no_worker_running_is_a_network_error_not_a_hang(fake: Fake) -> None:
-    pool = PollWorkerPool(
-        _config(fake.url),
-        processes=1,
-        answer_timeout_s=30.0,
-        metrics=Metrics(CollectorRegistry()),
-        command=("/bin/false",),  # exits at once: every start fails
-    )
-    await pool.start()
-    try:
-        await _until(lambda: not pool.children)
-        result = await asyncio.wait_for(pool.fetch("tk-hiapi-1", now=0.0), BOUND_S)
-        assert (result.outcome, result.detail) == (
-            PollOutcome.NETWORK_ERROR,
-            "no poll worker running",
-        )
-    finally:
-        await pool.close()
+async def test_no_worker_running_is_a_network_error_not_a_hang(
+    pool_for: Callable[..., Awaitable[PollWorkerPool]],
+) -> None:
+    pool = await pool_for(command=("/bin/false",))  # exits at once: every start fails
+    await _until(lambda: not pool.children)
+    result = await asyncio.wait_for(pool.fetch("tk-hiapi-1", now=0.0), BOUND_S)
+    assert (result.outcome, result.detail) == (PollOutcome.NETWORK_ERROR, "no poll worker running")
 
 
 # A child that reads its CONFIG, then answers every FETCH with a FAILURE the relay cannot read
@@ -251,27 +249,17 @@ while True:
 
 
 async def test_a_frame_the_relay_cannot_read_fails_that_poll_and_replaces_the_child(
-    fake: Fake,
+    pool_for: Callable[..., Awaitable[PollWorkerPool]],
 ) -> None:
-    pool = PollWorkerPool(
-        _config(fake.url),
-        processes=1,
-        answer_timeout_s=30.0,
-        metrics=Metrics(CollectorRegistry()),
-        command=(sys.executable, "-c", _GARBLING_CHILD),
+    pool = await pool_for(command=(sys.executable, "-c", _GARBLING_CHILD))
+    (child,) = pool.children
+    result = await asyncio.wait_for(pool.fetch("tk-hiapi-1", now=0.0), BOUND_S)
+    assert (result.outcome, result.detail) == (
+        PollOutcome.NETWORK_ERROR,
+        "poll worker sent a frame the relay cannot read",
     )
-    await pool.start()
-    try:
-        (child,) = pool.children
-        result = await asyncio.wait_for(pool.fetch("tk-hiapi-1", now=0.0), BOUND_S)
-        assert (result.outcome, result.detail) == (
-            PollOutcome.NETWORK_ERROR,
-            "poll worker sent a frame the relay cannot read",
-        )
-        assert not child.pending  # nothing left behind for a watchdog that would never come
-        await _until(lambda: pool.available and pool.children[0] is not child)
-    finally:
-        await pool.close()
+    assert not child.pending  # nothing left behind for a watchdog that would never come
+    await _until(lambda: pool.available and pool.children[0] is not child)
 
 
 async def test_a_child_gets_no_relay_setting_in_its_environment(
@@ -317,25 +305,18 @@ def test_a_child_of_another_frame_protocol_refuses_to_start() -> None:
 
 
 @pytest.mark.parametrize("case", ["ok", "dropped-once", "rate-limited"])
-async def test_a_child_on_uvloop_answers_as_one_on_asyncio(fake: Fake, case: str) -> None:
+async def test_a_child_on_uvloop_answers_as_one_on_asyncio(
+    fake: Fake, pool_for: Callable[..., Awaitable[PollWorkerPool]], case: str
+) -> None:
     """The relay's default loop is uvloop: its pipes and subprocess transports, in the child."""
     results = []
     for event_loop in ("asyncio", "uvloop"):
-        pool = PollWorkerPool(
-            _config(fake.url, event_loop=event_loop),
-            processes=1,
-            answer_timeout_s=30.0,
-            metrics=Metrics(CollectorRegistry()),
-        )
-        await pool.start()
-        try:
-            task_id = f"tk-hiapi-{case}-{event_loop}"
-            if SCRIPTS[case]:
-                await fake.script(task_id, *SCRIPTS[case])
-            result = await asyncio.wait_for(pool.fetch(task_id, now=1_000.0), BOUND_S)
-            results.append((result.outcome, result.http_status, result.retry_after))
-        finally:
-            await pool.close()
+        pool = await pool_for(event_loop=event_loop)
+        task_id = f"tk-hiapi-{case}-{event_loop}"
+        if SCRIPTS[case]:
+            await fake.script(task_id, *SCRIPTS[case])
+        result = await asyncio.wait_for(pool.fetch(task_id, now=1_000.0), BOUND_S)
+        results.append((result.outcome, result.http_status, result.retry_after))
     assert results[0] == results[1]
 
 
@@ -347,16 +328,12 @@ sys.exit(2)  # as a child of another frame protocol does, after reading its CONF
 """
 
 
-async def test_a_child_that_never_takes_its_config_never_counts_as_available(fake: Fake) -> None:
+async def test_a_child_that_never_takes_its_config_never_counts_as_available(
+    fake: Fake, pool_for: Callable[..., Awaitable[PollWorkerPool]]
+) -> None:
     """The poller holds its claims on `available`: a child restarting in a loop must not flip it."""
     metrics = Metrics(CollectorRegistry())
-    pool = PollWorkerPool(
-        _config(fake.url),
-        processes=1,
-        answer_timeout_s=30.0,
-        metrics=metrics,
-        command=(sys.executable, "-c", _REFUSING_CHILD),
-    )
+    pool = await pool_for(command=(sys.executable, "-c", _REFUSING_CHILD), metrics=metrics)
     seen_available = False
 
     def exits() -> float:
@@ -368,57 +345,40 @@ async def test_a_child_that_never_takes_its_config_never_counts_as_available(fak
             seen_available |= pool.available
             await asyncio.sleep(0.005)
 
-    try:
-        await pool.start()
-        await asyncio.wait_for(watch_until_two_exits(), BOUND_S)
-        assert not seen_available
-        result = await pool.fetch("tk-hiapi-1", now=0.0)
-        assert result.detail == "no poll worker running"
-        assert fake.fake.stats()["perTask"].get("tk-hiapi-1", 0) == 0
-    finally:
-        await pool.close()
+    await asyncio.wait_for(watch_until_two_exits(), BOUND_S)
+    assert not seen_available
+    result = await pool.fetch("tk-hiapi-1", now=0.0)
+    assert result.detail == "no poll worker running"
+    assert fake.fake.stats()["perTask"].get("tk-hiapi-1", 0) == 0
 
 
-async def test_an_overdue_poll_times_out_alone_while_its_child_keeps_answering(fake: Fake) -> None:
+async def test_an_overdue_poll_times_out_alone_while_its_child_keeps_answering(
+    fake: Fake, pool_for: Callable[..., Awaitable[PollWorkerPool]]
+) -> None:
     """A poll past the answer deadline ends as a timeout; a child that still talks is not killed."""
-    pool = PollWorkerPool(
-        _config(fake.url, timeout_s=5.0),
-        processes=1,
-        answer_timeout_s=0.5,
-        metrics=Metrics(CollectorRegistry()),
+    pool = await pool_for(answer_timeout_s=0.5, timeout_s=5.0)
+    (child,) = pool.children
+    await fake.script("tk-hiapi-late", {"delayS": 3})
+    late = asyncio.create_task(pool.fetch("tk-hiapi-late", now=0.0))
+    answered = 0
+    while not late.done():
+        fast = await asyncio.wait_for(pool.fetch(f"tk-hiapi-f{answered}", now=0.0), BOUND_S)
+        assert fast.outcome is PollOutcome.OK
+        answered += 1
+    result = late.result()
+    assert (result.outcome, result.detail) == (
+        PollOutcome.TIMEOUT,
+        "no answer from the poll worker in time",
     )
-    await pool.start()
-    try:
-        (child,) = pool.children
-        await fake.script("tk-hiapi-late", {"delayS": 3})
-        late = asyncio.create_task(pool.fetch("tk-hiapi-late", now=0.0))
-        answered = 0
-        while not late.done():
-            fast = await asyncio.wait_for(pool.fetch(f"tk-hiapi-f{answered}", now=0.0), BOUND_S)
-            assert fast.outcome is PollOutcome.OK
-            answered += 1
-        result = late.result()
-        assert (result.outcome, result.detail) == (
-            PollOutcome.TIMEOUT,
-            "no answer from the poll worker in time",
-        )
-        assert pool.children == (child,)
-        assert not child.dying
-    finally:
-        await pool.close()
+    assert pool.children == (child,)
+    assert not child.dying
 
 
 @pytest.mark.parametrize("event_loop", ["asyncio", "uvloop"])
 async def test_close_delivers_every_answer_in_flight_even_large_ones(
-    fake: Fake, event_loop: str
+    fake: Fake, pool_for: Callable[..., Awaitable[PollWorkerPool]], event_loop: str
 ) -> None:
-    pool = PollWorkerPool(
-        _config(fake.url, event_loop=event_loop),
-        processes=1,
-        answer_timeout_s=30.0,
-        metrics=Metrics(CollectorRegistry()),
-    )
-    await pool.start()
+    pool = await pool_for(event_loop=event_loop)
     blob = "x" * 700_000
     for i in range(4):
         task_id = f"tk-hiapi-big-{event_loop}-{i}"
@@ -443,31 +403,22 @@ async def test_close_delivers_every_answer_in_flight_even_large_ones(
 
 
 async def test_a_poll_that_ends_while_waiting_for_its_retry_token_takes_no_token(
-    fake: Fake,
+    fake: Fake, pool_for: Callable[..., Awaitable[PollWorkerPool]]
 ) -> None:
-    pool = PollWorkerPool(
-        _config(fake.url, timeout_s=0.5),
-        processes=1,
-        answer_timeout_s=30.0,
-        metrics=Metrics(CollectorRegistry()),
+    pool = await pool_for(timeout_s=0.5)
+    await fake.script("tk-hiapi-unpaid", {"reset": True}, {"reset": True})
+    budget_open = asyncio.Event()
+    taken = []
+
+    async def gate() -> None:
+        await budget_open.wait()
+        taken.append(1)
+
+    result = await asyncio.wait_for(
+        pool.fetch("tk-hiapi-unpaid", now=0.0, before_retry=gate), BOUND_S
     )
-    await pool.start()
-    try:
-        await fake.script("tk-hiapi-unpaid", {"reset": True}, {"reset": True})
-        budget_open = asyncio.Event()
-        taken = []
-
-        async def gate() -> None:
-            await budget_open.wait()
-            taken.append(1)
-
-        result = await asyncio.wait_for(
-            pool.fetch("tk-hiapi-unpaid", now=0.0, before_retry=gate), BOUND_S
-        )
-        assert result.outcome is PollOutcome.TIMEOUT  # the child's own timeout ran out waiting
-        budget_open.set()
-        for _ in range(20):
-            await asyncio.sleep(0)
-        assert taken == []
-    finally:
-        await pool.close()
+    assert result.outcome is PollOutcome.TIMEOUT  # the child's own timeout ran out waiting
+    budget_open.set()
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert taken == []
