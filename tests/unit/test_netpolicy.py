@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from yarl import URL
 
 from relay.netpolicy import (
+    VERDICT_CACHE_SIZE,
     CallbackPolicy,
     CallbackUrlRejected,
     IPAddress,
@@ -436,3 +437,19 @@ async def test_an_allowed_ip_literal_is_delivered(receiver: Receiver) -> None:
     connector = make_callback_connector(CallbackPolicy(allow_nets=(LOOPBACK_V4,)), limit=1)
     status = await post(connector, f"http://127.0.0.1:{receiver.port}/")
     assert (status, receiver.hits) == (204, ["/"])
+
+
+def test_remembered_verdicts_stay_per_policy_and_bounded() -> None:
+    """The memo is the policy's own: a loopback allowed by one policy stays refused by another."""
+    loopback = ipaddress.ip_address("127.0.0.1")
+    allowing = CallbackPolicy(allow_nets=(ipaddress.ip_network("127.0.0.0/8"),))
+    strict = CallbackPolicy()
+    for _ in range(2):  # the second round answers from memory
+        assert allowing.forbidden_reason(loopback) is None
+        assert "a loopback address" == strict.forbidden_reason(loopback)
+
+    addresses = [ipaddress.IPv4Address(i) for i in range(VERDICT_CACHE_SIZE + 100)]
+    verdicts = [strict.forbidden_reason(a) for a in addresses]
+
+    assert len(strict._verdicts) <= VERDICT_CACHE_SIZE
+    assert verdicts == [CallbackPolicy().forbidden_reason(a) for a in addresses]
