@@ -215,74 +215,80 @@ def _unknown_watch(watch_id: str) -> Problem:
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-@web.middleware
-async def problem_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every error leaves as problem+json, aiohttp's own 404/405/413 included."""
-    try:
-        return await handler(request)
-    except Problem as problem:
-        return problem.response(instance=request.path)
-    except StoreUnavailable as exc:
+def api_middleware(tokens: tuple[bytes, ...]) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """Every request: the bearer token on /watch, errors as problem+json, then the metrics.
+
+    One middleware, not three: aiohttp wraps each one in its own coroutine per request.
+    """
+
+    @web.middleware
+    async def handle(request: web.Request, handler: Handler) -> web.StreamResponse:
+        started = time.perf_counter()
+        status = 500
+        try:
+            try:
+                if tokens and request.path.startswith("/watch"):
+                    _require_token(request, tokens)
+                response = await handler(request)
+            except Exception as exc:
+                response = _problem_for(request, exc)
+            status = response.status
+            return response
+        except web.HTTPException as exc:  # a redirect, which _problem_for passes on
+            status = exc.status
+            raise
+        finally:
+            resource = request.match_info.route.resource
+            route = resource.canonical if resource is not None else "unmatched"
+            metrics = request.app[METRICS]
+            metrics.http_requests.labels(route, request.method, str(status)).inc()
+            metrics.http_duration.labels(route, request.method).observe(
+                time.perf_counter() - started
+            )
+
+    return handle
+
+
+def _require_token(request: web.Request, tokens: tuple[bytes, ...]) -> None:
+    header = request.headers.get("Authorization", "")
+    scheme, _, presented = header.partition(" ")
+    # Compare against every token, whatever matches, so timing says nothing.
+    matched = False
+    for token in tokens:
+        matched |= hmac.compare_digest(presented.strip().encode(), token)
+    if scheme.lower() != "bearer" or not matched:
+        raise Problem(
+            401,
+            "a valid bearer token is required (Authorization: Bearer <token>)",
+            kind="unauthorized",
+            headers={"WWW-Authenticate": 'Bearer realm="relay"'},
+        )
+
+
+def _problem_for(request: web.Request, exc: Exception) -> web.StreamResponse:
+    """The problem+json answer for `exc`, aiohttp's own 404/405/413 included; a redirect
+    (an HTTPException under 400) is raised again."""
+    if isinstance(exc, Problem):
+        return exc.response(instance=request.path)
+    if isinstance(exc, StoreUnavailable):
         request.app[METRICS].store_errors.inc()
         logs.event(log, "store_unavailable", logging.ERROR, path=request.path, detail=str(exc))
         return store_unavailable(exc).response(instance=request.path)
-    except web.HTTPRequestEntityTooLarge:
+    if isinstance(exc, web.HTTPRequestEntityTooLarge):
         return _too_large().response(instance=request.path)
-    except web.HTTPException as exc:
+    if isinstance(exc, web.HTTPException):
         if exc.status < 400:
-            raise
+            raise exc
         kind = {404: "not-found", 405: "method-not-allowed"}.get(exc.status, "http-error")
         headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
         return Problem(exc.status, exc.reason, kind=kind, headers=headers).response(
             instance=request.path
         )
-    except Exception:
-        # A bug, not bad input: log it whole, answer a problem body that reveals nothing.
-        log.exception("request_crashed", extra={"path": request.path})
-        return Problem(500, "the relay failed to handle this request", kind="internal").response(
-            instance=request.path
-        )
-
-
-@web.middleware
-async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    started = time.perf_counter()
-    resource = request.match_info.route.resource
-    route = resource.canonical if resource is not None else "unmatched"
-    status = 500
-    try:
-        response = await handler(request)
-        status = response.status
-        return response
-    except web.HTTPException as exc:
-        status = exc.status
-        raise
-    finally:
-        metrics = request.app[METRICS]
-        metrics.http_requests.labels(route, request.method, str(status)).inc()
-        metrics.http_duration.labels(route, request.method).observe(time.perf_counter() - started)
-
-
-def auth_middleware(tokens: tuple[bytes, ...]) -> Callable[..., Awaitable[web.StreamResponse]]:
-    @web.middleware
-    async def check_token(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if tokens and request.path.startswith("/watch"):
-            header = request.headers.get("Authorization", "")
-            scheme, _, presented = header.partition(" ")
-            # Compare against every token, whatever matches, so timing says nothing.
-            matched = False
-            for token in tokens:
-                matched |= hmac.compare_digest(presented.strip().encode(), token)
-            if scheme.lower() != "bearer" or not matched:
-                raise Problem(
-                    401,
-                    "a valid bearer token is required (Authorization: Bearer <token>)",
-                    kind="unauthorized",
-                    headers={"WWW-Authenticate": 'Bearer realm="relay"'},
-                )
-        return await handler(request)
-
-    return check_token
+    # A bug, not bad input: log it whole, answer a problem body that reveals nothing.
+    log.error("request_crashed", exc_info=exc, extra={"path": request.path})
+    return Problem(500, "the relay failed to handle this request", kind="internal").response(
+        instance=request.path
+    )
 
 
 # --- handlers -------------------------------------------------------------------------------------

@@ -76,7 +76,7 @@ def create_app(
     tokens = tuple(t.value.encode() for t in settings.api_tokens)
     app = web.Application(
         client_max_size=api.MAX_BODY_BYTES,
-        middlewares=[api.metrics_middleware, api.problem_middleware, api.auth_middleware(tokens)],
+        middlewares=[api.api_middleware(tokens)],
     )
     metrics = Metrics(registry)
     app[SETTINGS] = settings

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import logging
 import re
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -49,6 +50,7 @@ TITLES = {
     413: "Content Too Large",
     415: "Unsupported Media Type",
     422: "Unprocessable Content",
+    500: "Internal Server Error",
 }
 POLL_OUTCOMES = {
     "ok",
@@ -1191,3 +1193,68 @@ async def test_metrics_expose_the_contract_families_with_outcomes_precreated(
     )
     samples = {s.name for family in families.values() for s in family.samples}
     assert {"process_cpu_seconds_total", "relay_watches_registered_total"} <= samples
+
+
+# --- what every request goes through ------------------------------------------------------------
+
+
+def http_count(relay: Relay, route: str, method: str, code: int) -> float:
+    labels = {"route": route, "method": method, "code": str(code)}
+    return relay.sample("relay_http_requests_total", labels) or 0.0
+
+
+async def test_a_crashing_handler_answers_500_revealing_nothing_logs_it_and_counts_it(
+    relay: Relay, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def broken(watch_id: str) -> None:
+        raise RuntimeError("internal detail that must not leave the relay")
+
+    monkeypatch.setattr(relay.store, "get_watch", broken)
+    with caplog.at_level(logging.ERROR, logger="relay.api"):
+        response = await relay.client.get(f"/watch/{UNKNOWN_ID}")
+
+    expected = problem(
+        500, "internal", "the relay failed to handle this request", f"/watch/{UNKNOWN_ID}"
+    )
+    assert (500, PROBLEM_CONTENT_TYPE, expected) == await answer(response)
+    crashes = [r for r in caplog.records if r.getMessage() == "request_crashed"]
+    assert 1 == len(crashes)
+    assert crashes[0].exc_info is not None
+    assert isinstance(crashes[0].exc_info[1], RuntimeError)
+    assert 1 == http_count(relay, "/watch/{watch_id}", "GET", 500)
+
+
+async def test_every_answer_is_counted_by_route_method_and_code(make_relay: RelayFactory) -> None:
+    """201, 200, 401, 404, 405 and 422, each under its route; no route matched is `unmatched`."""
+    relay = await make_relay(api_tokens=TOKENS)
+    ok = auth(TOKEN_ONE)
+    body = {"taskId": TASK, "callbackUrl": HOOK}
+
+    assert 201 == (await post_watch(relay, body, headers=ok)).status
+    assert 200 == (await post_watch(relay, body, headers=ok)).status
+    assert 401 == (await post_watch(relay, body)).status
+    assert 422 == (await post_watch(relay, {"taskId": 7}, headers=ok)).status
+    assert 404 == (await relay.client.get(f"/watch/{UNKNOWN_ID}", headers=ok)).status
+    assert 404 == (await relay.client.get("/nowhere")).status
+    assert 405 == (await relay.client.put("/watch", headers=ok)).status
+
+    assert {
+        ("/watch", "POST", 201): 1,
+        ("/watch", "POST", 200): 1,
+        ("/watch", "POST", 401): 1,
+        ("/watch", "POST", 422): 1,
+        ("/watch/{watch_id}", "GET", 404): 1,
+        ("unmatched", "GET", 404): 1,
+        ("unmatched", "PUT", 405): 1,
+    } == {
+        key: http_count(relay, *key)
+        for key in [
+            ("/watch", "POST", 201),
+            ("/watch", "POST", 200),
+            ("/watch", "POST", 401),
+            ("/watch", "POST", 422),
+            ("/watch/{watch_id}", "GET", 404),
+            ("unmatched", "GET", 404),
+            ("unmatched", "PUT", 405),
+        ]
+    }
