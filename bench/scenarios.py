@@ -316,6 +316,7 @@ async def registration(b: Bench) -> dict[str, Any]:
             "duration_s": plan.registration_s,
             "warmup_s": plan.registration_warmup_s,
             "relay": settings | {"RELAY_UPSTREAM_RPS": "50 (default)"},
+            "client": f"{result['client']} HTTP/1.1 client, keep-alive, own process",
             "note": "each new task's first poll is due at once; the default 50/s budget caps them",
         },
     }
