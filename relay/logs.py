@@ -8,6 +8,7 @@ import logging
 import select
 import sys
 import time
+import traceback
 from typing import Any, TextIO
 
 import orjson
@@ -35,10 +36,12 @@ class TurnBatchingHandler(logging.StreamHandler[TextIO]):
     """A StreamHandler that writes the lines logged in one event-loop turn with one write.
 
     A write and flush per line was a third of a log call (a registration logs one line). Lines
-    logged on an event loop's thread wait for the end of the current turn; lines logged with no
-    loop running (start-up, shutdown, other threads) are written at once, after those waiting.
-    `flush()`, which `logging.shutdown()` calls at exit, writes whatever still waits; a SIGKILL
-    loses at most the current turn's lines.
+    logged on an event loop's thread wait for the end of the current turn. Written at once,
+    after whatever waits: lines logged with no loop running (start-up, shutdown, other threads),
+    records of ERROR or worse, and lines from a loop other than the one a write is queued on
+    (which may have closed without running it). `flush()`, which `logging.shutdown()` calls at
+    exit, writes whatever still waits; a SIGKILL loses at most the current turn's INFO and
+    WARNING lines.
     """
 
     # Writes up to PIPE_BUF bytes to a pipe are atomic: the poll workers' lines, on the same
@@ -48,7 +51,7 @@ class TurnBatchingHandler(logging.StreamHandler[TextIO]):
     def __init__(self, stream: TextIO) -> None:
         super().__init__(stream)
         self._waiting: list[str] = []
-        self._waiting_bytes = 0
+        self._flush_on: asyncio.AbstractEventLoop | None = None  # the loop a write is queued on
 
     def emit(self, record: logging.LogRecord) -> None:  # Handler.handle holds self.lock here
         try:
@@ -57,13 +60,14 @@ class TurnBatchingHandler(logging.StreamHandler[TextIO]):
             self.handleError(record)
             return
         self._waiting.append(line)
-        self._waiting_bytes += len(line)
         try:
-            loop = asyncio.get_running_loop()
+            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:
+            loop = None
+        if loop is None or record.levelno >= logging.ERROR or self._flush_on not in (None, loop):
             self._write_waiting()
-            return
-        if len(self._waiting) == 1:
+        elif self._flush_on is None:
+            self._flush_on = loop
             loop.call_soon(self.flush)
 
     def flush(self) -> None:
@@ -71,25 +75,30 @@ class TurnBatchingHandler(logging.StreamHandler[TextIO]):
             self._write_waiting()
 
     def _write_waiting(self) -> None:
+        self._flush_on = None
         if not self._waiting:
             return
-        lines, self._waiting, self._waiting_bytes = self._waiting, [], 0
+        lines, self._waiting = self._waiting, []
         chunk: list[str] = []
         size = 0
-        # stderr gone (OSError) or closed (ValueError): nowhere left to say so, and a log line
-        # is not worth a crash.
-        with contextlib.suppress(OSError, ValueError):
-            for line in lines:
-                if chunk and size + len(line) > self.CHUNK_BYTES:
-                    self._write("".join(chunk))
-                    chunk, size = [], 0
-                chunk.append(line)
-                size += len(line)
-            self._write("".join(chunk))
+        for line in lines:
+            length = len(line) if line.isascii() else len(line.encode())
+            if chunk and size + length > self.CHUNK_BYTES:
+                self._write("".join(chunk))
+                chunk, size = [], 0
+            chunk.append(line)
+            size += length
+        self._write("".join(chunk))
 
     def _write(self, text: str) -> None:
-        self.stream.write(text)
-        self.stream.flush()
+        try:
+            self.stream.write(text)
+            self.stream.flush()
+        except Exception:  # a log line is not worth a crash; the next chunk may still go out
+            # What Handler.handleError does, without a record: say so once, never raise.
+            if logging.raiseExceptions:
+                with contextlib.suppress(Exception):
+                    traceback.print_exc(file=sys.stderr)
 
 
 def configure(level: str) -> None:

@@ -15,16 +15,20 @@ from relay.logs import JsonFormatter, TurnBatchingHandler
 
 
 class RecordingStream(io.StringIO):
-    """Keeps every write() apart, to count them."""
+    """Keeps every write() apart, to count them; fails the next `failures` writes."""
 
-    def __init__(self, *, fail: bool = False) -> None:
+    def __init__(self, *, fail: bool = False, failures: int = 0) -> None:
         super().__init__()
         self.writes: list[str] = []
         self.fail = fail
+        self.failures = failures
 
     def write(self, text: str) -> int:
         if self.fail:
             raise BrokenPipeError("stderr is gone")
+        if self.failures:
+            self.failures -= 1
+            raise RuntimeError("reentrant call inside <_io.BufferedWriter name='<stderr>'>")
         self.writes.append(text)
         return len(text)
 
@@ -73,12 +77,14 @@ def test_with_no_loop_running_each_line_leaves_at_once(
     assert [["starting"], ["stopping"]] == [events(w) for w in stream.writes]
 
 
+@pytest.mark.parametrize("padding", ["x" * 10, "ж" * 40], ids=["ascii", "two-byte utf-8"])
 async def test_a_long_turn_is_written_in_pieces_no_larger_than_an_atomic_pipe_write(
-    logger: logging.Logger, stream: RecordingStream
+    logger: logging.Logger, stream: RecordingStream, padding: str
 ) -> None:
-    names = [f"line-{i:04d}" for i in range(300)]  # ~70 bytes each: ~21 KB in all
+    """PIPE_BUF counts bytes: a line of Cyrillic text is twice as long on the wire."""
+    names = [f"line-{i:04d}" for i in range(300)]  # 70-160 bytes each: 21-48 KB in all
     for name in names:
-        logs.event(logger, name, padding="x" * 10)
+        logs.event(logger, name, padding=padding)
 
     await asyncio.sleep(0)
 
@@ -111,3 +117,44 @@ def test_a_stream_that_fails_drops_the_lines_without_raising(logger: logging.Log
     broken.fail = False
     logs.event(logger, "after")
     assert [["after"]] == [events(w) for w in broken.writes]
+
+
+async def test_an_error_is_written_at_once_after_the_lines_waiting_before_it(
+    logger: logging.Logger, stream: RecordingStream
+) -> None:
+    logs.event(logger, "about to fail")
+    logs.event(logger, "store_unavailable", logging.ERROR)
+
+    assert ["about to fail", "store_unavailable"] == events("".join(stream.writes))
+
+
+def test_lines_a_closed_loop_never_wrote_leave_with_the_next_loops_first_line(
+    logger: logging.Logger, stream: RecordingStream
+) -> None:
+    old = asyncio.new_event_loop()
+    # Logged in the loop's last turn: the write it queues is for a turn that never comes.
+    old.call_soon(lambda: (logs.event(logger, "last of the old loop"), old.stop()))
+    old.run_forever()
+    old.close()
+    assert [] == stream.writes
+
+    async def first_turn() -> list[str]:
+        logs.event(logger, "first of the new loop")
+        return events("".join(stream.writes))  # before this turn ends
+
+    assert ["last of the old loop", "first of the new loop"] == asyncio.run(first_turn())
+
+
+async def test_a_failed_write_loses_only_its_own_piece_and_never_reaches_the_caller(
+    logger: logging.Logger, stream: RecordingStream
+) -> None:
+    stream.failures = 1  # the first piece fails with something other than an OSError
+    names = [f"line-{i:04d}" for i in range(300)]
+    for name in names:
+        logs.event(logger, name, padding="x" * 10)
+
+    await asyncio.sleep(0)
+
+    written = events("".join(stream.writes))
+    assert written == names[-len(written) :]  # the pieces after the failed one, in order
+    assert 0 < len(written) < len(names)
