@@ -15,6 +15,7 @@ import re
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 import aiohttp
 from aiohttp import AddrInfoType
@@ -31,6 +32,24 @@ MAX_URL_LENGTH = 2048
 # Hosts and addresses whose verdict is remembered. Registrations and connections name the same
 # few receivers again and again; judging one afresh costs ~8 us, a third of it in ipaddress.
 VERDICT_CACHE_SIZE = 4096
+# Only hosts up to a DNS name's length are remembered: a cache of 2 KiB junk hosts would be
+# 8 MiB a client could fill.
+MAX_REMEMBERED_HOST = 253
+
+R = TypeVar("R")
+
+
+class _Remembered(Generic[R]):
+    """`judge`, with its answers for short hosts kept in `cache` (an exception is never kept)."""
+
+    def __init__(self, judge: Callable[[str], R]) -> None:
+        self._judge = judge
+        self.cache = functools.lru_cache(maxsize=VERDICT_CACHE_SIZE)(judge)
+        functools.update_wrapper(self, judge)
+
+    def __call__(self, host: str) -> R:
+        return self.cache(host) if len(host) <= MAX_REMEMBERED_HOST else self._judge(host)
+
 
 _UNSPECIFIED = "an unspecified address"
 _LOOPBACK = "a loopback address"
@@ -93,7 +112,7 @@ class CallbackUrlRejected(Exception):
         self.reason = reason
 
 
-@functools.lru_cache(maxsize=VERDICT_CACHE_SIZE)
+@_Remembered
 def parse_ip(host: str) -> IPAddress | None:
     """The address an IP-literal host names (an IPv6 zone is dropped), or None for a name."""
     try:
@@ -239,7 +258,7 @@ def check_callback_url_syntax(url: str) -> URL:
     return parsed
 
 
-@functools.lru_cache(maxsize=VERDICT_CACHE_SIZE)  # a refusal raises, so only passes are kept
+@_Remembered  # a refusal raises, so only passes are kept
 def _check_numeric_host(host: str) -> None:
     """Refuse legacy IPv4 spellings (`127.1`, `2130706433`, `0x7f000001`, `0177.0.0.1`)."""
     if ":" in host:

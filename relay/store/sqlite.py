@@ -1,8 +1,8 @@
 """The embedded store: one SQLite file in WAL mode, one connection, one writer thread.
 
 Every call runs on a single dedicated thread, so there is exactly one writer and no lock contention
-inside the process; each write is its own `BEGIN IMMEDIATE` transaction, committed before the call
-returns (a 201 means committed). `synchronous=NORMAL` survives a process crash (kill -9); `FULL`
+inside the process. Writes that queue up while one commits share the next `BEGIN IMMEDIATE`
+transaction (group commit); each caller resumes only after that COMMIT (a 201 means committed). `synchronous=NORMAL` survives a process crash (kill -9); `FULL`
 also survives power loss at a write cost (`RELAY_SQLITE_SYNCHRONOUS`).
 """
 
@@ -121,7 +121,7 @@ class SQLiteStore:
         # Set when the writer connection was dropped as stale; see _connection.
         self._reader_stale = False
         # Group commit: writes queue here and the writer thread commits all that waited in one
-        # transaction (each in its own savepoint); every caller resumes only after that COMMIT.
+        # transaction (see _commit); every caller resumes only after that COMMIT.
         self._pending: deque[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = (
             deque()
         )
@@ -140,7 +140,11 @@ class SQLiteStore:
         return await loop.run_in_executor(self._reader, self._call_reader, fn)
 
     async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run `fn` in a write transaction; return once it is committed."""
+        """Run `fn` in a write transaction; return once it is committed.
+
+        `fn` must touch nothing but the connection: when another write of its batch fails, the
+        batch is rolled back and `fn` runs a second time (see _commit).
+        """
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         self._pending.append((fn, future))

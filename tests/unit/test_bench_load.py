@@ -18,7 +18,7 @@ async def server() -> AsyncIterator[tuple[TestServer, list[tuple[str, dict[str, 
 
     async def watch(request: web.Request) -> web.Response:
         body = await request.read()
-        seen.append((request.path, dict(request.headers), body))
+        seen.append((request.path_qs, dict(request.headers), body))
         task = orjson.loads(body)["taskId"]
         if task == "close-after":
             return web.json_response({"n": len(seen)}, status=503, headers={"Connection": "close"})
@@ -36,7 +36,8 @@ async def test_posts_on_one_kept_alive_connection_and_reads_each_whole_answer(
     server: tuple[TestServer, list[tuple[str, dict[str, str], bytes]]],
 ) -> None:
     test_server, seen = server
-    client = RawClient(str(test_server.make_url("/watch")), {"Authorization": "Bearer t"})
+    url = test_server.make_url("/watch").with_query(tag="a b")
+    client = RawClient(str(url), {"Authorization": "Bearer t"})
     try:
         statuses = [await client.post(orjson.dumps({"taskId": f"tk-{i}"})) for i in range(3)]
         writer = client._writer
@@ -51,5 +52,6 @@ async def test_posts_on_one_kept_alive_connection_and_reads_each_whole_answer(
     assert ["tk-0", "tk-1", "tk-2", "close-after", "tk-after"] == [
         orjson.loads(body)["taskId"] for _, _, body in seen
     ]
-    assert {"/watch"} == {path for path, _, _ in seen}
+    assert {"/watch?tag=a+b"} == {path for path, _, _ in seen}
+    assert {f"127.0.0.1:{url.port}"} == {headers["Host"] for _, headers, _ in seen}
     assert {"Bearer t"} == {headers["Authorization"] for _, headers, _ in seen}

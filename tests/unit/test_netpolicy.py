@@ -29,6 +29,7 @@ from relay.netpolicy import (
     check_callback_url,
     check_callback_url_syntax,
     make_callback_connector,
+    parse_ip,
 )
 from tests import strategies
 
@@ -448,8 +449,28 @@ def test_remembered_verdicts_stay_per_policy_and_bounded() -> None:
         assert allowing.forbidden_reason(loopback) is None
         assert "a loopback address" == strict.forbidden_reason(loopback)
 
-    addresses = [ipaddress.IPv4Address(i) for i in range(VERDICT_CACHE_SIZE + 100)]
-    verdicts = [strict.forbidden_reason(a) for a in addresses]
+    # A spread of addresses with different verdicts: 0.x, 10.x, 127.x, 169.254.x, public, ...
+    addresses = [ipaddress.IPv4Address(i * 1_000_003) for i in range(VERDICT_CACHE_SIZE + 100)]
+    judged = [strict._judge(a) for a in addresses]  # afresh, no memo
+    assert len(set(judged)) > 3
+
+    first = [strict.forbidden_reason(a) for a in addresses]
+    again = [strict.forbidden_reason(a) for a in addresses[-100:]]  # answered from the memo
 
     assert len(strict._verdicts) <= VERDICT_CACHE_SIZE
-    assert verdicts == [CallbackPolicy().forbidden_reason(a) for a in addresses]
+    assert judged == first
+    assert judged[-100:] == again
+
+
+def test_remembered_host_checks_answer_as_the_first_time_and_skip_long_hosts() -> None:
+    """A refused legacy host is refused every time (a refusal is never remembered as a pass)."""
+    for _ in range(2):
+        with pytest.raises(CallbackUrlRejected, match="legacy numeric form"):
+            check_callback_url_syntax("http://127.1/hook")
+        assert ipaddress.ip_address("127.0.0.1") == parse_ip("127.0.0.1")
+        assert parse_ip("receiver.example") is None
+    kept = parse_ip.cache.cache_info().currsize
+    assert parse_ip("a" * 300 + ".example") is None
+    assert kept == parse_ip.cache.cache_info().currsize  # longer than any DNS name: not kept
+    assert parse_ip(f"{kept}.receiver.example") is None
+    assert kept + 1 == parse_ip.cache.cache_info().currsize
