@@ -2,8 +2,9 @@
 
 Every call runs on a single dedicated thread, so there is exactly one writer and no lock contention
 inside the process. Writes that queue up while one commits share the next `BEGIN IMMEDIATE`
-transaction (group commit); each caller resumes only after that COMMIT (a 201 means committed). `synchronous=NORMAL` survives a process crash (kill -9); `FULL`
-also survives power loss at a write cost (`RELAY_SQLITE_SYNCHRONOUS`).
+transaction (group commit); each caller resumes only after that COMMIT (a 201 means committed).
+`synchronous=NORMAL` survives a process crash (kill -9); `FULL` also survives power loss at a
+write cost (`RELAY_SQLITE_SYNCHRONOUS`).
 """
 
 from __future__ import annotations
