@@ -42,6 +42,9 @@ from relay.store.rows import (
 )
 
 T = TypeVar("T")
+# A write waiting for the writer thread, and what its caller is told once the batch is done.
+_Queued = tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]
+_Outcome = tuple[asyncio.Future[Any], Any, BaseException | None]
 
 MIGRATIONS: tuple[str, ...] = (
     """
@@ -123,9 +126,7 @@ class SQLiteStore:
         self._reader_stale = False
         # Group commit: writes queue here and the writer thread commits all that waited in one
         # transaction (see _commit); every caller resumes only after that COMMIT.
-        self._pending: deque[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = (
-            deque()
-        )
+        self._pending: deque[_Queued] = deque()
         self._flush_scheduled = False
 
     # --- plumbing ---------------------------------------------------------------------------------
@@ -175,9 +176,7 @@ class SQLiteStore:
         # One wake-up of the event loop for the whole batch, not one per caller.
         loop.call_soon_threadsafe(_settle_all, outcomes)
 
-    def _commit(
-        self, batch: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]]
-    ) -> list[tuple[asyncio.Future[Any], Any, BaseException | None]]:
+    def _commit(self, batch: list[_Queued]) -> list[_Outcome]:
         """Run the batch in one transaction; each caller's outcome, or all fail together.
 
         Almost every write succeeds, so the batch first runs without a savepoint per write (they
@@ -197,14 +196,10 @@ class SQLiteStore:
         conn.execute("COMMIT")  # disk full or read-only here: nothing of the batch was kept
         return [(future, result, None) for (_, future), result in zip(batch, results, strict=True)]
 
-    def _commit_isolated(
-        self,
-        conn: sqlite3.Connection,
-        batch: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]],
-    ) -> list[tuple[asyncio.Future[Any], Any, BaseException | None]]:
+    def _commit_isolated(self, conn: sqlite3.Connection, batch: list[_Queued]) -> list[_Outcome]:
         """Run the batch in one transaction, each write in its own savepoint."""
         conn.execute("BEGIN IMMEDIATE")
-        outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+        outcomes: list[_Outcome] = []
         for fn, future in batch:
             result, error = self._in_savepoint(conn, fn)
             if not conn.in_transaction or _stale(error):
@@ -727,7 +722,7 @@ def _unavailable(exc: BaseException) -> StoreUnavailable:
     return unavailable
 
 
-def _settle_all(outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
+def _settle_all(outcomes: list[_Outcome]) -> None:
     for future, result, error in outcomes:
         if future.done():  # its caller was cancelled; the write itself stands
             continue
