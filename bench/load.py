@@ -81,6 +81,11 @@ class RawClient:
         self._reader = self._writer = None
 
 
+def client_of(args: argparse.Namespace) -> str:
+    """The client the run uses: `get` (the ceiling) is always a bare aiohttp loop."""
+    return args.client if args.mode == "watch" else "aiohttp"
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     headers = dict(h.split(":", 1) for h in args.header)
     headers = {k.strip(): v.strip() for k, v in headers.items()}
@@ -103,9 +108,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         body = orjson.dumps({"taskId": f"{args.ids}{i}", "callbackUrl": args.callback})
         return args.url, body
 
+    client = client_of(args)
+
     async def worker(session: aiohttp.ClientSession) -> None:
         nonlocal measured, total_ok
-        raw = RawClient(args.url, headers) if args.client == "raw" else None
+        raw = RawClient(args.url, headers) if client == "raw" else None
         while True:
             t0 = time.perf_counter()
             if t0 >= end:
@@ -115,7 +122,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 return
             url, body = request
             try:
-                if raw is not None and body is not None:
+                if raw is not None and body is not None:  # raw is only made for watch
                     async with asyncio.timeout(REQUEST_TIMEOUT_S):
                         status = await raw.post(body)
                 elif body is None:
@@ -203,7 +210,7 @@ def main() -> int:
     else:
         result = asyncio.run(run(args))
     result["loop"] = args.loop
-    result["client"] = args.client if args.mode == "watch" else "aiohttp"
+    result["client"] = client_of(args)
     sys.stdout.write(orjson.dumps(result).decode() + "\n")
     return 0
 
