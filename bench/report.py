@@ -242,8 +242,9 @@ def _registration_rows(r: dict[str, Any], add: Add) -> None:
 
 def _polls_rows(p: dict[str, Any], add: Add) -> None:
     workers = p.get("poll_processes")
+    concurrency = p["config"]["relay"]["RELAY_UPSTREAM_CONCURRENCY"]
     add("polls" if workers is None else f"polls, {workers} poll processes",
-        "sustained polls/s (budget lifted)", f"{p['polls_per_s']:,.0f}/s")  # fmt: skip
+        f"sustained polls/s (budget lifted, c={concurrency})", f"{p['polls_per_s']:,.0f}/s")  # fmt: skip
     ratio = p["ratio_to_ceiling"]
     add("", "ratio to the ceiling measured right after",
         "-" if ratio is None else f"{100 * ratio:.0f}% of {p['ceiling_per_s']:,.0f}/s",
