@@ -213,7 +213,8 @@ class Poller(WorkLoop[TaskClaim]):
                     attempt=self._auth_failures,
                     pause_s=pause,
                 )
-        elif result.outcome in (PollOutcome.OK, PollOutcome.NOT_FOUND):
+        elif self._auth_failures and result.outcome in (PollOutcome.OK, PollOutcome.NOT_FOUND):
+            # Only when it was failing: a Gauge.set takes a lock, on every poll that adds up.
             self._auth_failures = 0
             self._metrics.upstream_auth_failing.set(0)
 
