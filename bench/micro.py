@@ -24,14 +24,14 @@ import resource
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
 from pathlib import Path
 
 import aiohttp
 import orjson
 
-from bench.procs import Child, free_port, launch
+from bench.scenarios import API_KEY, FULL, Bench
 from relay.metrics import Metrics
 from relay.models import NewWatch, PollResult
 from relay.policy import PollPolicy
@@ -39,9 +39,8 @@ from relay.poller import Poller
 from relay.store.sqlite import SQLiteStore
 from relay.upstream import Answer, RetryGate, UpstreamClient, make_upstream_session
 
-STREAMS = 2_000
-CONCURRENCY = 64
-API_KEY = "micro-bench-key"
+STREAMS = FULL.polls_watches  # as the polls scenarios and the ceiling
+CONCURRENCY = FULL.concurrency
 
 
 def _answer_body(task_id: str) -> bytes:
@@ -136,7 +135,11 @@ async def _measure_polls(store: SQLiteStore, fetcher: _AnswerAtOnce, polls: int)
 
 
 async def client(seconds: float) -> None:
-    async with aiohttp.ClientSession() as control, _fake_upstream(control) as base:
+    async with aiohttp.ClientSession() as session, AsyncExitStack() as stack:
+        scratch = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        # The harness's own fake upstream, started as every scenario gets it.
+        bench = Bench(plan=FULL, workdir=scratch, session=session, stack=stack)
+        base = (await bench.fake_upstream()).url
         ids = [f"tk-hiapi-slow-micro-{n}" for n in range(STREAMS)]
         loops = {"bare": _bare_loop, "relay": _relay_loop}
         for name in ("bare", "relay"):
@@ -147,23 +150,6 @@ async def client(seconds: float) -> None:
                 f"client {name:5s}  {answered:,} answers of {sent:,} GETs  {rate:9,.0f} GET/s"
                 f"  {cpu_us:5.1f} us CPU per GET"
             )
-
-
-@asynccontextmanager
-async def _fake_upstream(control: aiohttp.ClientSession) -> AsyncIterator[str]:
-    """`relay fake-upstream` in its own process, as the harness runs it; its base URL."""
-    async with AsyncExitStack() as stack:
-        scratch = Path(stack.enter_context(tempfile.TemporaryDirectory()))
-        port = free_port()
-        child = Child(
-            "micro-fake-upstream",
-            ["-m", "relay", "fake-upstream", "--port", str(port), "--api-key", API_KEY,
-             "--queued-s", "100000"],
-            scratch / "fake-upstream.log",
-            port=port,
-        )  # fmt: skip
-        await launch(stack, control, child, ready_path="/_fake/stats")
-        yield child.url
 
 
 async def _timed(
