@@ -4,8 +4,8 @@
     python -m bench.micro client [--seconds S]        # CPU per GET: bare aiohttp vs UpstreamClient
 
 `poll-overhead` runs the real Poller over a real SQLite file (2,000 streams, always due, budget
-lifted, 64 in flight) with a fetcher that answers on the next loop turn with a ready-made task
-document (parsed and classified as a real answer is), and reports CPU per poll twice: the
+lifted, 64 in flight) with a transport that answers on the next loop turn with ready-made task
+documents (parsed and classified as real answers are), and reports CPU per poll twice: the
 event-loop thread's alone, and the whole process's (the SQLite threads' claims and writes
 included). That is what a poll costs the relay besides its HTTP. `client` starts
 `relay fake-upstream` as its own process and runs, in this process, the ceiling's bare loop and
@@ -24,7 +24,7 @@ import resource
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
 from pathlib import Path
 
@@ -33,11 +33,11 @@ import orjson
 
 from bench.scenarios import API_KEY, FULL, Bench
 from relay.metrics import Metrics
-from relay.models import NewWatch, PollResult
+from relay.models import NewWatch
 from relay.policy import PollPolicy
 from relay.poller import Poller
 from relay.store.sqlite import SQLiteStore
-from relay.upstream import Answer, RetryGate, UpstreamClient, make_upstream_session
+from relay.upstream import Answer, Deliver, RetryGate, UpstreamClient, make_upstream_session
 
 STREAMS = FULL.polls_watches  # as the polls scenarios and the ceiling
 CONCURRENCY = FULL.concurrency
@@ -49,7 +49,7 @@ def _answer_body(task_id: str) -> bytes:
 
 
 class _AnswerAtOnce:
-    """A fetcher whose answer, a real task document, comes on the next loop turn."""
+    """A PollTransport whose answers, real task documents, come on the next loop turn."""
 
     available = True
 
@@ -66,14 +66,17 @@ class _AnswerAtOnce:
         if self.fetched < count:
             await reached.wait()
 
-    async def fetch(
-        self, task_id: str, *, now: float, before_retry: RetryGate | None = None
-    ) -> PollResult:
-        self.fetched += 1
+    def submit(
+        self, polls: Sequence[tuple[int, str]], *, before_retry: RetryGate, deliver: Deliver
+    ) -> None:
+        self.fetched += len(polls)
         if self._reached is not None and self.fetched >= self._reached[0]:
             self._reached[1].set()
-        await asyncio.sleep(0)
-        return Answer(200, self._bodies[task_id], None).classify(task_id, now)
+        answers = [(key, Answer(200, self._bodies[task_id], None)) for key, task_id in polls]
+        asyncio.get_running_loop().call_soon(deliver, answers)
+
+    async def cancel_all(self) -> None:
+        pass  # every poll is answered on the next loop turn
 
 
 async def poll_overhead(polls: int) -> None:
@@ -94,7 +97,7 @@ async def poll_overhead(polls: int) -> None:
 async def _measure_polls(store: SQLiteStore, fetcher: _AnswerAtOnce, polls: int) -> None:
     poller = Poller(
         store=store,
-        fetcher=fetcher,
+        transport=fetcher,
         metrics=Metrics(),
         policy=PollPolicy(
             initial_s=0.01, max_s=0.01, factor=1.0, jitter=0.0,

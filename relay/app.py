@@ -45,7 +45,7 @@ from relay.state import (
     STORE,
 )
 from relay.store import Store, StoreUnavailable, open_store
-from relay.upstream import TaskFetcher, UpstreamClient, make_upstream_session
+from relay.upstream import InProcessPolls, PollTransport, UpstreamClient, make_upstream_session
 
 log = logging.getLogger("relay.app")
 
@@ -152,15 +152,17 @@ async def _loops_ctx(
         clock=clock,
         rand=rand,
     )
-    fetcher: TaskFetcher = UpstreamClient(
-        upstream_session,
-        base_url=settings.upstream_url,
-        api_key=api_key,
-        timeout_s=settings.upstream_timeout_s,
+    transport: PollTransport = InProcessPolls(
+        UpstreamClient(
+            upstream_session,
+            base_url=settings.upstream_url,
+            api_key=api_key,
+            timeout_s=settings.upstream_timeout_s,
+        )
     )
     workers = None
     if settings.poll_processes:
-        workers = fetcher = PollWorkerPool(
+        workers = transport = PollWorkerPool(
             WorkerConfig(
                 base_url=settings.upstream_url,
                 api_key=api_key,
@@ -177,7 +179,7 @@ async def _loops_ctx(
         )
     poller = Poller(
         store=store,
-        fetcher=fetcher,
+        transport=transport,
         metrics=metrics,
         policy=PollPolicy.from_settings(settings),
         rps=settings.upstream_rps,

@@ -3,18 +3,23 @@
 One stream per task id (the store holds one `tasks` row however many watches name it), so five
 watches on one task cost one poll per interval. The token bucket caps upstream requests a second;
 the loop's concurrency caps requests in flight.
+
+Polls hold no asyncio task of the poller's own: a claimed batch goes to the PollTransport in one
+call, and the answers come back in batches, each handled in one go (classified, counted, planned)
+and written with one store call. A poll's slot is free once its answer is in; it has ended once
+its result is written.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import random
 import time
 from collections.abc import Callable
 
 from relay import logs
-from relay.batching import UpdateBatch
 from relay.metrics import Metrics
 from relay.models import (
     PollOutcome,
@@ -26,9 +31,9 @@ from relay.models import (
 )
 from relay.policy import PollPolicy, exponential, plan_after_poll
 from relay.ratelimit import TokenBucket
-from relay.store.base import Store
-from relay.upstream import TaskFetcher
-from relay.workloop import WorkLoop
+from relay.store.base import Store, StoreUnavailable
+from relay.upstream import Answer, PollTransport
+from relay.workloop import ClaimLoop
 
 EXPIRE_BATCH = 500
 # Saved-up tokens, as a fraction of a second's worth: any one-second window then sees at most
@@ -45,7 +50,7 @@ EXPIRY_EVERY_S = 1.0
 FETCHER_RECHECK_S = 0.25
 
 
-class Poller(WorkLoop[TaskClaim]):
+class Poller(ClaimLoop[TaskClaim]):
     name = "poll"
     log = logging.getLogger("relay.poller")
 
@@ -53,7 +58,7 @@ class Poller(WorkLoop[TaskClaim]):
         self,
         *,
         store: Store,
-        fetcher: TaskFetcher,
+        transport: PollTransport,
         metrics: Metrics,
         policy: PollPolicy,
         rps: float,
@@ -65,13 +70,18 @@ class Poller(WorkLoop[TaskClaim]):
     ) -> None:
         super().__init__(metrics=metrics, concurrency=concurrency, clock=clock)
         self._store = store
-        self._fetcher = fetcher
+        self._transport = transport
         self._policy = policy
         self._lease_s = lease_s
         self._rand = rand
         self._on_finished = on_finished
         self._rps = rps
-        self._updates = UpdateBatch(store)
+        # Polls on the wire: key -> (claim, perf_counter at start). Then their results' writes.
+        self._outstanding: dict[int, tuple[TaskClaim, float]] = {}
+        self._keys = itertools.count()
+        self._writes: dict[asyncio.Task[None], list[TaskClaim]] = {}
+        self._idle_waiters: list[asyncio.Future[None]] = []
+        self._deliver = self._on_answers  # one bound method: the transport groups answers by it
         self._bucket = TokenBucket(rps, burst=burst_for(rps), now=clock())
         self._last_expiry = float("-inf")
         # A rejected API key fails every task alike: pause all polling instead of burning
@@ -125,7 +135,7 @@ class Poller(WorkLoop[TaskClaim]):
             budget = min(budget, 1)  # while the key is rejected, probe with one poll at a time
         if budget <= 0 or now < self._paused_until or now < self._held_until:
             return []
-        if not self._fetcher.available:
+        if not self._transport.available:
             return []  # no poll worker running: a claim would only burn its stream's backoff
         claims = await self._store.claim_due_tasks(now=now, limit=budget, lease_s=self._lease_s)
         self._bucket.take(now, len(claims))
@@ -137,7 +147,7 @@ class Poller(WorkLoop[TaskClaim]):
             return resume
         if self._bucket.available(now) <= 0:
             return now + self._bucket.wait_s(now)
-        if not self._fetcher.available:
+        if not self._transport.available:
             return now + FETCHER_RECHECK_S
         due = await self._store.next_poll_due_at()
         return None if due is None else min(due, self._last_expiry + EXPIRY_EVERY_S)
@@ -157,39 +167,117 @@ class Poller(WorkLoop[TaskClaim]):
     async def _hand_back(self, items: list[TaskClaim], now: float) -> None:
         await self._store.release_tasks([c.task_id for c in items], due_at=now)
 
-    async def _handle(self, item: TaskClaim) -> None:
-        metrics = self._metrics
-        self._requests_in_flight += 1
+    @property
+    def in_flight(self) -> int:
+        return len(self._outstanding) + sum(len(c) for c in self._writes.values())
+
+    def _launch(self, items: list[TaskClaim]) -> None:
+        now = self._clock()
         started = time.perf_counter()
+        observe_lag = self._lag.observe
+        polls = []
+        for claim in items:
+            observe_lag(max(0.0, now - claim.due_at))
+            key = next(self._keys)
+            self._outstanding[key] = (claim, started)
+            polls.append((key, claim.task_id))
+        self._requests_in_flight += len(polls)
+        self._transport.submit(polls, before_retry=self._retry_token, deliver=self._deliver)
+
+    def _on_answers(self, answers: list[tuple[int, Answer | PollResult]]) -> None:
+        """A batch of answers: classify, count and plan each; write them all with one call."""
+        finished = time.perf_counter()
         now = self._clock()
-        self._lag.observe(max(0.0, now - item.due_at))
-        try:
-            result = await self._fetcher.fetch(
-                item.task_id, now=now, before_retry=self._retry_token
-            )
-        finally:
-            self._requests_in_flight -= 1
-        # RELAY_UPSTREAM_CONCURRENCY bounds requests in flight: the next poll may start while
-        # this one's result waits for its batched write.
-        self.release_slot()
-        self._poll_duration[result.outcome].observe(time.perf_counter() - started)
-        self._polls[result.outcome].inc()
-        if result.snapshot is not None:
-            self._task_status[result.snapshot.status].inc()
-        now = self._clock()
-        self._track_auth(result, now)
-        plan = plan_after_poll(item, result, now=now, rand=self._rand(), policy=self._policy)
-        if isinstance(plan, TaskUpdate):
-            await self._updates.apply(plan, now=now)
-            moved = 0
+        done: list[tuple[TaskClaim, PollResult, TaskUpdate | TaskFinish]] = []
+        taken = 0
+        for key, answer in answers:
+            entry = self._outstanding.pop(key, None)
+            if entry is None:
+                continue  # cut short by a stop meanwhile
+            taken += 1
+            claim, started = entry
+            try:
+                result = (
+                    answer
+                    if isinstance(answer, PollResult)
+                    else answer.classify(claim.task_id, now)
+                )
+                self._poll_duration[result.outcome].observe(finished - started)
+                self._polls[result.outcome].inc()
+                if result.snapshot is not None:
+                    self._task_status[result.snapshot.status].inc()
+                self._track_auth(result, now)
+                plan = plan_after_poll(
+                    claim, result, now=now, rand=self._rand(), policy=self._policy
+                )
+            except Exception:  # a bug: the lease brings the task back; the others go on
+                self._item_crashed()
+                continue
+            done.append((claim, result, plan))
+        self._requests_in_flight -= taken
+        # RELAY_UPSTREAM_CONCURRENCY bounds requests in flight: the next polls may start while
+        # these results wait for their write.
+        self._slots_freed(taken)
+        if done:
+            task = asyncio.create_task(self._record(done, now))
+            self._writes[task] = [claim for claim, _, _ in done]
+            task.add_done_callback(self._written)
         else:
-            # A finish moves watches to delivering, once per task: written on its own, it
-            # returns how many for the metrics and the log.
-            moved = await self._store.apply_poll_results([plan], now=now)
-        self._log_poll(item, result, plan, moved)
-        if isinstance(plan, TaskFinish):
-            metrics.events_emitted.labels(plan.event_type.value).inc(moved)
-            self._on_finished()
+            self._check_idle()
+
+    async def _record(
+        self, done: list[tuple[TaskClaim, PollResult, TaskUpdate | TaskFinish]], now: float
+    ) -> None:
+        try:
+            updates = [plan for _, _, plan in done if isinstance(plan, TaskUpdate)]
+            if updates:
+                await self._store.apply_poll_results(updates, now=now)
+            for claim, result, plan in done:
+                if isinstance(plan, TaskUpdate):
+                    self._log_poll(claim, result, plan, 0)
+                    continue
+                # A finish moves watches to delivering, once per task: written on its own, it
+                # returns how many for the metrics and the log.
+                moved = await self._store.apply_poll_results([plan], now=now)
+                self._log_poll(claim, result, plan, moved)
+                self._metrics.events_emitted.labels(plan.event_type.value).inc(moved)
+                self._on_finished()
+        except StoreUnavailable as exc:
+            # The tasks' leases run out and they fall due again: nothing is lost.
+            self._store_unavailable(exc)
+        except Exception:
+            self._item_crashed()
+
+    def _written(self, task: asyncio.Task[None]) -> None:
+        del self._writes[task]
+        self._check_idle()
+
+    def _check_idle(self) -> None:
+        if self._outstanding or self._writes:
+            return
+        waiters, self._idle_waiters = self._idle_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def _wait_in_flight(self) -> None:
+        while self._outstanding or self._writes:
+            waiter = asyncio.get_running_loop().create_future()
+            self._idle_waiters.append(waiter)
+            await waiter
+
+    async def cancel_in_flight(self) -> None:
+        await self._transport.cancel_all()
+        cut_short = [claim for claim, _ in self._outstanding.values()]
+        self._requests_in_flight -= len(self._outstanding)
+        self._slots_freed(len(self._outstanding))
+        self._outstanding.clear()
+        for task, claims in self._writes.items():
+            if task.cancel():
+                cut_short += claims  # its write may or may not have committed: due again now
+        await asyncio.gather(*self._writes, return_exceptions=True)
+        self._check_idle()
+        await self._hand_back_cut_short(cut_short)
 
     def _track_auth(self, result: PollResult, now: float) -> None:
         if result.outcome is PollOutcome.AUTH_ERROR:

@@ -24,7 +24,7 @@ import os
 import signal
 import struct
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -37,8 +37,10 @@ from relay.models import PollOutcome, PollResult
 from relay.upstream import (
     MAX_BODY_BYTES,
     Answer,
+    Deliver,
     RetryGate,
     UpstreamClient,
+    deliver_grouped,
     make_upstream_session,
 )
 
@@ -150,10 +152,20 @@ class WorkerConfig:
 
 @dataclass(slots=True)
 class _Pending:
-    future: asyncio.Future[Answer | PollResult]
+    key: int
+    deliver: Deliver
     before_retry: RetryGate | None
     sent_at: float
     retry_after: str | None = None
+    # Made only for a poll that waits for a retry token (rare): resolves when the poll ends.
+    ended: asyncio.Future[None] | None = None
+
+    def end(
+        self, answer: Answer | PollResult, done: list[tuple[Deliver, int, Answer | PollResult]]
+    ) -> None:
+        if self.ended is not None:
+            _settle(self.ended, None)
+        done.append((self.deliver, self.key, answer))
 
 
 class _Child(asyncio.SubprocessProtocol):
@@ -187,6 +199,7 @@ class _Child(asyncio.SubprocessProtocol):
         except FrameError as exc:
             self._broken(str(exc))
             return
+        done: list[tuple[Deliver, int, Answer | PollResult]] = []
         for kind, request_id, small, payload in frames:
             if kind == READY:
                 self.ready = True
@@ -196,30 +209,39 @@ class _Child(asyncio.SubprocessProtocol):
             if entry is None:
                 continue  # its poll was cancelled, or settled at its deadline, meanwhile
             try:
-                self._on_frame(kind, request_id, small, payload, entry)
+                self._on_frame(kind, request_id, small, payload, entry, done=done)
             except Exception as exc:  # a frame this relay cannot read: the child is not ours
                 self.pending.pop(request_id, None)
-                _settle(entry.future, _UNREADABLE)
+                entry.end(_UNREADABLE, done)
                 self._broken(repr(exc)[:200])
-                return
+                break
+        # Every answer of this read in one call: the poller handles them as one batch.
+        deliver_grouped(done)
 
     def _broken(self, detail: str) -> None:
         logs.event(log, "poll_worker_broken", logging.ERROR, pid=self.pid, detail=detail)
         self.kill()
 
     def _on_frame(
-        self, kind: int, request_id: int, small: int, payload: bytes, entry: _Pending
+        self,
+        kind: int,
+        request_id: int,
+        small: int,
+        payload: bytes,
+        entry: _Pending,
+        *,
+        done: list[tuple[Deliver, int, Answer | PollResult]],
     ) -> None:
         if kind == ANSWER:
             del self.pending[request_id]
-            _settle(entry.future, Answer(small, payload, entry.retry_after))
+            entry.end(Answer(small, payload, entry.retry_after), done)
         elif kind == RETRY_AFTER:
             entry.retry_after = payload.decode("utf-8", "surrogateescape")
         elif kind == FAILURE:
             outcome, detail = orjson.loads(payload)
             result = PollResult(outcome=PollOutcome(outcome), detail=str(detail))
             del self.pending[request_id]
-            _settle(entry.future, result)
+            entry.end(result, done)
         elif kind == WANT_TOKEN:
             self._pool.grant(self, request_id, entry.before_retry)
         else:
@@ -228,9 +250,11 @@ class _Child(asyncio.SubprocessProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         # The process has exited and both pipes are closed: every answer it wrote has been read.
         self.gone = True
+        done: list[tuple[Deliver, int, Answer | PollResult]] = []
         for entry in self.pending.values():
-            _settle(entry.future, _WORKER_FAILED)
+            entry.end(_WORKER_FAILED, done)
         self.pending.clear()
+        deliver_grouped(done)
         _settle(self.settled_in, None)  # nobody waits for a READY that cannot come
         if self.transport is not None:
             self.transport.close()  # the process is gone; this releases the transport itself
@@ -258,6 +282,11 @@ _UNREADABLE = PollResult(
     outcome=PollOutcome.NETWORK_ERROR, detail="poll worker sent a frame the relay cannot read"
 )
 _OVERDUE = PollResult(outcome=PollOutcome.TIMEOUT, detail="no answer from the poll worker in time")
+_NO_WORKER = PollResult(outcome=PollOutcome.NETWORK_ERROR, detail="no poll worker running")
+
+
+def _load(child: _Child) -> int:
+    return len(child.pending)
 
 
 def _settle(future: asyncio.Future[Any], value: Any) -> None:
@@ -270,7 +299,7 @@ def _child_env() -> dict[str, str]:
 
 
 class PollWorkerPool:
-    """A TaskFetcher that polls through `processes` child processes."""
+    """A PollTransport that polls through `processes` child processes."""
 
     def __init__(
         self,
@@ -324,23 +353,56 @@ class PollWorkerPool:
         self._children.append(child)
         logs.event(log, "poll_worker_started", pid=child.pid)
 
+    def submit(
+        self,
+        polls: Sequence[tuple[int, str]],
+        *,
+        before_retry: RetryGate | None,
+        deliver: Deliver,
+    ) -> None:
+        """Send each (key, task id) to the child with the fewest polls in flight."""
+        loop = asyncio.get_running_loop()
+        live = [c for c in self._children if c.ready]
+        if not live:
+            failed: list[tuple[int, Answer | PollResult]] = [(key, _NO_WORKER) for key, _ in polls]
+            # Later, never from within submit(): the caller is still registering these polls.
+            loop.call_soon(deliver, failed)
+            return
+        sent_at = loop.time()
+        request_ids = self._request_ids
+        for key, task_id in polls:
+            child = min(live, key=_load) if len(live) > 1 else live[0]
+            request_id = next(request_ids) & 0xFFFFFFFF
+            child.pending[request_id] = _Pending(key, deliver, before_retry, sent_at)
+            child.send(encode(FETCH, request_id, task_id.encode()))
+
     async def fetch(
         self, task_id: str, *, now: float, before_retry: RetryGate | None = None
     ) -> PollResult:
-        live = [c for c in self._children if c.ready]
-        if not live:
-            return PollResult(outcome=PollOutcome.NETWORK_ERROR, detail="no poll worker running")
-        child = min(live, key=lambda c: len(c.pending))
-        loop = asyncio.get_running_loop()
-        request_id = next(self._request_ids) & 0xFFFFFFFF
-        future: asyncio.Future[Answer | PollResult] = loop.create_future()
-        child.pending[request_id] = _Pending(future, before_retry, loop.time())
-        child.send(encode(FETCH, request_id, task_id.encode()))
+        """One poll, awaited: what `submit` does for a batch."""
+        future: asyncio.Future[Answer | PollResult] = asyncio.get_running_loop().create_future()
+
+        def deliver(answers: list[tuple[int, Answer | PollResult]]) -> None:
+            _settle(future, answers[0][1])
+
+        self.submit([(0, task_id)], before_retry=before_retry, deliver=deliver)
         try:
             answer = await future
         finally:
-            child.pending.pop(request_id, None)
+            self._drop(lambda entry: entry.deliver is deliver)
         return answer if isinstance(answer, PollResult) else answer.classify(task_id, now)
+
+    async def cancel_all(self) -> None:
+        self._drop(lambda entry: True)
+
+    def _drop(self, which: Callable[[_Pending], bool]) -> None:
+        """Forget polls in flight: their answers, if any come, are ignored; no token is paid."""
+        for child in self._children:
+            dropped = [rid for rid, entry in child.pending.items() if which(entry)]
+            for request_id in dropped:
+                entry = child.pending.pop(request_id)
+                if entry.ended is not None:
+                    _settle(entry.ended, None)
 
     def grant(self, child: _Child, request_id: int, before_retry: RetryGate | None) -> None:
         """Let a child's retry go once the budget has a token for it."""
@@ -351,12 +413,15 @@ class PollWorkerPool:
         entry = child.pending.get(request_id)
         if entry is None or self._closing:
             return  # its poll has ended, or the child is being stopped: no token for it
+        if entry.ended is None:
+            entry.ended = asyncio.get_running_loop().create_future()
+        ended = entry.ended
 
         async def when_paid() -> None:
             paying = asyncio.ensure_future(before_retry())
             # The poll may end while it waits (its deadline, its child's death): the wait for
             # a token ends with it, and no token is taken for a request that never goes out.
-            await asyncio.wait((paying, entry.future), return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait((paying, ended), return_when=asyncio.FIRST_COMPLETED)
             if not paying.done():
                 paying.cancel()
                 return
@@ -425,8 +490,10 @@ class PollWorkerPool:
                     overdue.append(request_id)
                 if not overdue:
                     continue
+                done: list[tuple[Deliver, int, Answer | PollResult]] = []
                 for request_id in overdue:
-                    _settle(child.pending.pop(request_id).future, _OVERDUE)
+                    child.pending.pop(request_id).end(_OVERDUE, done)
+                deliver_grouped(done)
                 if now - child.last_heard > deadline:
                     logs.event(
                         log,

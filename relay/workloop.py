@@ -1,8 +1,12 @@
-"""The shape both background loops share: claim due work, run it in a bounded pool, idle until due.
+"""The shape both background loops share: claim due work, keep it in a bounded pool, idle until due.
 
-A subclass says how to claim (`_claim`), how to do one item (`_handle`), and when work is next due
-(`_next_due_at`). `tick(now)` runs one whole iteration and waits for it, for tests; `run()` keeps
-up to `concurrency` items in flight and never holds an asyncio task per idle watch.
+`ClaimLoop` is the schedule: it claims up to `concurrency` items, hands them to `_launch`, and
+sleeps until the next item falls due, a slot frees or `wake()` is called; it never holds an
+asyncio task per idle watch. A subclass says how to claim (`_claim`), when work is next due
+(`_next_due_at`), how to start items (`_launch`) and how to give back what a stop cut short.
+`WorkLoop` runs each item in an asyncio task of its own (`_handle`): the deliverer's way. The
+poller starts its polls in batches and handles their answers in batches (relay/poller.py).
+`tick(now)` runs one whole iteration and waits for it, for tests.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ CLAIM_BATCH_DIVISOR = 8
 DUE_BATCH_WINDOW_S = 0.01
 
 
-class WorkLoop(abc.ABC, Generic[J]):
+class ClaimLoop(abc.ABC, Generic[J]):
     name: str
     log: logging.Logger
 
@@ -39,13 +43,8 @@ class WorkLoop(abc.ABC, Generic[J]):
         # finished item than an asyncio.Event raced against `stopping` with asyncio.wait.
         self._woken = False
         self._waiter: asyncio.Future[None] | None = None
-        self._in_flight: set[asyncio.Task[None]] = set()
-        # Items claimed and not yet done, counted down by each task's done-callback (which runs
-        # even for a task cancelled before it started).
+        # Slots taken: items claimed whose part the concurrency bounds is not over yet.
         self._active = 0
-        self._cut_short: list[J] = []
-        # Items that gave their slot back before they ended (see release_slot).
-        self._released: set[asyncio.Task[None]] = set()
         # A busy pool claims again once this many slots are free, not at every finished item:
         # one claim transaction per few items instead of one per item (half the store's work at
         # full speed). Fewer free slots are claimed for after DUE_BATCH_WINDOW_S at the latest,
@@ -58,16 +57,32 @@ class WorkLoop(abc.ABC, Generic[J]):
         """Claim up to `free` items due by `now` (fewer if a budget says so)."""
 
     @abc.abstractmethod
-    async def _handle(self, item: J) -> None:
-        """Do one item and record its result."""
-
-    @abc.abstractmethod
     async def _next_due_at(self, now: float) -> float | None:
         """When the next item falls due (None: nothing scheduled)."""
 
     @abc.abstractmethod
     async def _hand_back(self, items: list[J], now: float) -> None:
         """Make items whose work a stop cut short due again at once, not when their lease ends."""
+
+    @abc.abstractmethod
+    def _launch(self, items: list[J]) -> None:
+        """Start the claimed items; each slot is given back through `_slots_freed`."""
+
+    @abc.abstractmethod
+    async def _wait_in_flight(self) -> None:
+        """Return once every item started has ended (its result recorded)."""
+
+    @abc.abstractmethod
+    async def cancel_in_flight(self) -> None:
+        """Past the drain bound: stop what is still running and hand it back to the store.
+
+        If the store cannot take it back now, the leases bring it back later: nothing is lost.
+        """
+
+    @property
+    @abc.abstractmethod
+    def in_flight(self) -> int:
+        """Items started and not yet ended."""
 
     def wake(self) -> None:
         """New work may be due now: stop idling."""
@@ -76,14 +91,13 @@ class WorkLoop(abc.ABC, Generic[J]):
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    @property
-    def in_flight(self) -> int:
-        return len(self._in_flight)
-
     async def tick(self, now: float) -> int:
         """One iteration at `now`: claim what is due and wait for all of it; return the count."""
         items = await self._claim(now, self._concurrency)
-        await asyncio.gather(*(self._handle(item) for item in items))
+        if items:
+            self._active += len(items)
+            self._launch(items)
+        await self._wait_in_flight()
         return len(items)
 
     async def run(self, stopping: asyncio.Event) -> None:
@@ -103,8 +117,7 @@ class WorkLoop(abc.ABC, Generic[J]):
                 await self._sleep(wait)
         finally:
             stop_watch.cancel()
-        if self._in_flight:
-            await asyncio.gather(*self._in_flight, return_exceptions=True)
+        await self._wait_in_flight()
 
     async def _wake_on(self, stopping: asyncio.Event) -> None:
         await stopping.wait()
@@ -124,10 +137,8 @@ class WorkLoop(abc.ABC, Generic[J]):
         self._short_since = None
         items = await self._claim(now, free)
         self._active += len(items)
-        for item in items:
-            task = asyncio.create_task(self._handle_guarded(item))
-            self._in_flight.add(task)
-            task.add_done_callback(self._item_done)
+        if items:
+            self._launch(items)
         if items and len(items) == free:
             return 0.0  # the pool is full; go round, and wait for a finishing item there
         if self._active >= self._concurrency:
@@ -154,6 +165,68 @@ class WorkLoop(abc.ABC, Generic[J]):
             timer.cancel()
             self._waiter = None
 
+    def _slots_freed(self, count: int = 1) -> None:
+        before = self._concurrency - self._active
+        self._active -= count
+        free = before + count
+        # A busy pool claims once a batch's worth of slots is free (see _run_once): waking it
+        # for less would only send it back to sleep. A full pool's first free slot does wake
+        # it, to start the DUE_BATCH_WINDOW_S it waits at most for the rest of the batch.
+        if free >= self._claim_batch or before <= 0:
+            self.wake()
+
+    def _store_unavailable(self, exc: StoreUnavailable) -> None:
+        self._metrics.store_errors.inc()
+        logs.event(self.log, "store_unavailable", logging.ERROR, loop=self.name, detail=str(exc))
+
+    def _item_crashed(self) -> None:
+        """Log the exception being handled: a bug, counted, and the loop goes on."""
+        self._metrics.loop_errors.labels(self.name).inc()
+        self.log.exception("work_item_crashed", extra={"loop": self.name})
+
+    async def _hand_back_cut_short(self, items: list[J]) -> None:
+        if not items:
+            return
+        try:
+            await self._hand_back(items, self._clock())
+        except StoreUnavailable as exc:
+            self._store_unavailable(exc)
+        logs.event(self.log, "work_handed_back", logging.WARNING, count=len(items))
+
+
+class WorkLoop(ClaimLoop[J]):
+    """A ClaimLoop that runs each item in an asyncio task of its own."""
+
+    def __init__(self, *, metrics: Metrics, concurrency: int, clock: Callable[[], float]) -> None:
+        super().__init__(metrics=metrics, concurrency=concurrency, clock=clock)
+        self._in_flight: set[asyncio.Task[None]] = set()
+        self._cut_short: list[J] = []
+
+    @abc.abstractmethod
+    async def _handle(self, item: J) -> None:
+        """Do one item and record its result."""
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._in_flight)
+
+    def _launch(self, items: list[J]) -> None:
+        for item in items:
+            task = asyncio.create_task(self._handle_guarded(item))
+            self._in_flight.add(task)
+            task.add_done_callback(self._item_done)
+
+    async def _wait_in_flight(self) -> None:
+        while self._in_flight:
+            await asyncio.gather(*self._in_flight, return_exceptions=True)
+
+    async def cancel_in_flight(self) -> None:
+        for task in self._in_flight:
+            task.cancel()
+        await self._wait_in_flight()
+        cut_short, self._cut_short = self._cut_short, []  # filled in as each task unwound
+        await self._hand_back_cut_short(cut_short)
+
     async def _handle_guarded(self, item: J) -> None:
         try:
             await self._handle(item)
@@ -164,54 +237,12 @@ class WorkLoop(abc.ABC, Generic[J]):
             # The item's lease runs out and it falls due again: nothing is lost.
             self._store_unavailable(exc)
         except Exception:
-            self._metrics.loop_errors.labels(self.name).inc()
-            self.log.exception("work_item_crashed", extra={"loop": self.name})
-
-    def release_slot(self) -> None:
-        """Called from `_handle`: the item's part that the concurrency bounds is over (its request
-        has its answer); what is left, writing the result, no longer holds a slot."""
-        task = asyncio.current_task()
-        if task is None or task not in self._in_flight or task in self._released:
-            return
-        self._released.add(task)
-        self._slot_freed()
+            self._item_crashed()
 
     def _item_done(self, task: asyncio.Task[None]) -> None:
         # A done-callback, not a finally: it also runs for a task cancelled before it started.
         self._in_flight.discard(task)
-        if task in self._released:
-            self._released.discard(task)
-        else:
-            self._slot_freed()
-
-    def _slot_freed(self) -> None:
-        self._active -= 1
-        free = self._concurrency - self._active
-        # A busy pool claims once a batch's worth of slots is free (see _run_once): waking it
-        # for less would only send it back to sleep. A full pool's first free slot does wake
-        # it, to start the DUE_BATCH_WINDOW_S it waits at most for the rest of the batch.
-        if free >= self._claim_batch or free == 1:
-            self.wake()
-
-    def _store_unavailable(self, exc: StoreUnavailable) -> None:
-        self._metrics.store_errors.inc()
-        logs.event(self.log, "store_unavailable", logging.ERROR, loop=self.name, detail=str(exc))
-
-    async def cancel_in_flight(self) -> None:
-        """Past the drain bound: stop what is still running and hand it back to the store.
-
-        If the store cannot take it back now, the leases bring it back later: nothing is lost.
-        """
-        for task in list(self._in_flight):
-            task.cancel()
-        await asyncio.gather(*self._in_flight, return_exceptions=True)
-        cut_short, self._cut_short = self._cut_short, []
-        if cut_short:
-            try:
-                await self._hand_back(cut_short, self._clock())
-            except StoreUnavailable as exc:
-                self._store_unavailable(exc)
-            logs.event(self.log, "work_handed_back", logging.WARNING, count=len(cut_short))
+        self._slots_freed()
 
 
 def _resolve(waiter: asyncio.Future[None]) -> None:

@@ -23,7 +23,7 @@ from relay.fake_upstream import FAKE_UPSTREAM_KEY, FakeUpstream, create_fake_ups
 from relay.metrics import Metrics
 from relay.models import PollOutcome, PollResult
 from relay.pollworkers import CONFIG, PROTOCOL_VERSION, PollWorkerPool, WorkerConfig, encode
-from relay.upstream import UpstreamClient, make_upstream_session
+from relay.upstream import Answer, UpstreamClient, make_upstream_session
 
 KEY = "k-poll-workers"
 # Every wait below is bounded by this; none is needed for a passing test to pass.
@@ -422,3 +422,24 @@ async def test_a_poll_that_ends_while_waiting_for_its_retry_token_takes_no_token
     for _ in range(20):
         await asyncio.sleep(0)
     assert taken == []
+
+
+async def test_a_batch_submitted_at_once_is_answered_once_per_poll_across_the_children(
+    pool_for: Callable[..., Awaitable[PollWorkerPool]],
+) -> None:
+    pool = await pool_for(processes=2)
+    answers: dict[int, Answer | PollResult] = {}
+
+    def deliver(batch: list[tuple[int, Answer | PollResult]]) -> None:
+        for key, answer in batch:
+            assert key not in answers, f"poll {key} answered twice"
+            answers[key] = answer
+
+    async def gate() -> None:
+        pass
+
+    polls = [(key, f"tk-hiapi-batch-{key}") for key in range(40)]
+    pool.submit(polls, before_retry=gate, deliver=deliver)
+    assert {len(c.pending) for c in pool.children} == {20}  # spread evenly over both
+    await _until(lambda: len(answers) == 40)
+    assert all(isinstance(a, Answer) and a.http_status == 200 for a in answers.values())

@@ -3,6 +3,8 @@ streams stay due, unharmed by backoff, and are polled once a worker is back."""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Sequence
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry
@@ -13,28 +15,34 @@ from relay.models import NewWatch, PollOutcome, PollResult, TaskSnapshot, TaskSt
 from relay.policy import PollPolicy
 from relay.poller import Poller
 from relay.store.sqlite import SQLiteStore
-from relay.upstream import RetryGate
+from relay.upstream import Answer, Deliver, RetryGate
 
 T0 = 1_700_000_000.0
 
 
 class Switchable:
-    """A TaskFetcher whose availability the test sets; it answers `queued` when asked."""
+    """A PollTransport whose availability the test sets; it answers `queued` when asked."""
 
     def __init__(self) -> None:
         self.available = False
         self.fetched: list[str] = []
 
-    async def fetch(
-        self, task_id: str, *, now: float, before_retry: RetryGate | None = None
-    ) -> PollResult:
-        assert self.available, "fetch() while unavailable"
-        self.fetched.append(task_id)
-        data = {"taskId": task_id, "status": "queued"}
-        snapshot = TaskSnapshot(
-            task_id=task_id, status=TaskStatus.QUEUED, raw_status="queued", data=data
-        )
-        return PollResult(outcome=PollOutcome.OK, snapshot=snapshot, http_status=200)
+    def submit(
+        self, polls: Sequence[tuple[int, str]], *, before_retry: RetryGate, deliver: Deliver
+    ) -> None:
+        assert self.available, "submit() while unavailable"
+        answers: list[tuple[int, Answer | PollResult]] = []
+        for key, task_id in polls:
+            self.fetched.append(task_id)
+            data = {"taskId": task_id, "status": "queued"}
+            snapshot = TaskSnapshot(
+                task_id=task_id, status=TaskStatus.QUEUED, raw_status="queued", data=data
+            )
+            answers.append((key, PollResult(outcome=PollOutcome.OK, snapshot=snapshot)))
+        asyncio.get_running_loop().call_soon(deliver, answers)
+
+    async def cancel_all(self) -> None:
+        pass  # every poll is answered on the next loop turn
 
 
 async def test_no_claim_while_the_fetcher_is_unavailable(tmp_path: Path) -> None:
@@ -44,7 +52,7 @@ async def test_no_claim_while_the_fetcher_is_unavailable(tmp_path: Path) -> None
         fetcher = Switchable()
         poller = Poller(
             store=store,
-            fetcher=fetcher,
+            transport=fetcher,
             metrics=Metrics(CollectorRegistry()),
             policy=PollPolicy.from_settings(Settings()),
             rps=100.0,

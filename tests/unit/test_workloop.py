@@ -143,7 +143,7 @@ class HeldOpen(WorkLoop[int]):
     name = "test"
     log = logging.getLogger("test.workloop")
 
-    def __init__(self, *, concurrency: int, release_slot_early: bool = False):
+    def __init__(self, *, concurrency: int):
         super().__init__(
             metrics=Metrics(CollectorRegistry()), concurrency=concurrency, clock=time.time
         )
@@ -152,7 +152,6 @@ class HeldOpen(WorkLoop[int]):
         self.started: dict[int, int] = {}  # item -> claims made before it started
         self.release = {i: asyncio.Event() for i in self.due}
         self.handed_back: list[int] = []
-        self.release_slot_early = release_slot_early
 
     async def _claim(self, now: float, free: int) -> list[int]:
         self.asked.append(free)
@@ -164,8 +163,6 @@ class HeldOpen(WorkLoop[int]):
 
     async def _handle(self, item: int) -> None:
         self.started[item] = len(self.asked)
-        if self.release_slot_early:
-            self.release_slot()
         await self.release[item].wait()
 
     async def _hand_back(self, items: list[int], now: float) -> None:
@@ -180,16 +177,13 @@ async def _until(condition: Callable[[], bool]) -> None:
     await asyncio.wait_for(poll(), IDLE_WAIT_S / 2)
 
 
-async def test_an_item_that_releases_its_slot_lets_the_next_start_while_it_still_runs() -> None:
-    """The poller releases a slot when its request has its answer, before writing the result."""
-    loop = HeldOpen(concurrency=1, release_slot_early=True)
+async def test_cancel_in_flight_hands_back_what_it_cut_short_and_ends_the_drain() -> None:
+    loop = HeldOpen(concurrency=3)
     stopping = asyncio.Event()
     runner = asyncio.create_task(loop.run(stopping))
-    try:
-        await _until(lambda: {0, 1, 2} <= set(loop.started))
-        assert not any(loop.release[i].is_set() for i in (0, 1, 2))  # all three still running
-    finally:
-        stopping.set()
-        for event in loop.release.values():
-            event.set()
-        await runner
+    await _until(lambda: len(loop.started) == 3)
+    stopping.set()  # run() now waits for the three items, which never end by themselves
+    await loop.cancel_in_flight()
+    await asyncio.wait_for(runner, IDLE_WAIT_S / 2)
+    assert [0, 1, 2] == sorted(loop.handed_back)
+    assert 0 == loop.in_flight
