@@ -17,7 +17,7 @@ import itertools
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from relay import logs
 from relay.metrics import Metrics
@@ -228,25 +228,35 @@ class Poller(ClaimLoop[TaskClaim]):
     async def _record(
         self, done: list[tuple[TaskClaim, PollResult, TaskUpdate | TaskFinish]], now: float
     ) -> None:
+        updates = [(c, r, p) for c, r, p in done if isinstance(p, TaskUpdate)]
+        finishes = [(c, r, p) for c, r, p in done if isinstance(p, TaskFinish)]
+        # Each write fails alone: the updates' failure does not hold a finish back, nor the
+        # reverse. A failed one's tasks fall due again when their leases run out: nothing lost.
+        if updates:
+            written = self._store.apply_poll_results([p for _, _, p in updates], now=now)
+            if await self._guarded(written) is None:
+                updates = []
+            for claim, result, plan in updates:
+                self._log_poll(claim, result, plan, 0)
+        # A finish moves watches to delivering, once per task: written on its own, it returns
+        # how many for the metrics and the log.
+        for claim, result, finish in finishes:
+            moved = await self._guarded(self._store.apply_poll_results([finish], now=now))
+            if moved is None:
+                continue
+            self._log_poll(claim, result, finish, moved)
+            self._metrics.events_emitted.labels(finish.event_type.value).inc(moved)
+            self._on_finished()
+
+    async def _guarded(self, write: Awaitable[int]) -> int | None:
+        """The write's result, or None once its failure is logged and counted."""
         try:
-            updates = [plan for _, _, plan in done if isinstance(plan, TaskUpdate)]
-            if updates:
-                await self._store.apply_poll_results(updates, now=now)
-            for claim, result, plan in done:
-                if isinstance(plan, TaskUpdate):
-                    self._log_poll(claim, result, plan, 0)
-                    continue
-                # A finish moves watches to delivering, once per task: written on its own, it
-                # returns how many for the metrics and the log.
-                moved = await self._store.apply_poll_results([plan], now=now)
-                self._log_poll(claim, result, plan, moved)
-                self._metrics.events_emitted.labels(plan.event_type.value).inc(moved)
-                self._on_finished()
+            return await write
         except StoreUnavailable as exc:
-            # The tasks' leases run out and they fall due again: nothing is lost.
             self._store_unavailable(exc)
         except Exception:
             self._item_crashed()
+        return None
 
     def _written(self, task: asyncio.Task[None]) -> None:
         del self._writes[task]

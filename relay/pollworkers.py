@@ -254,12 +254,12 @@ class _Child(asyncio.SubprocessProtocol):
         for entry in self.pending.values():
             entry.end(_WORKER_FAILED, done)
         self.pending.clear()
-        deliver_grouped(done)
         _settle(self.settled_in, None)  # nobody waits for a READY that cannot come
         if self.transport is not None:
             self.transport.close()  # the process is gone; this releases the transport itself
         _settle(self.ended, None)
         self._pool.ended(self)
+        deliver_grouped(done)  # last: the pool's bookkeeping must not depend on the callback
 
     def send(self, frame: bytes) -> None:
         if self.outbox is not None and not self.gone:

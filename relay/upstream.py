@@ -9,6 +9,7 @@ bucket), so an upstream that drops every connection still sees no more than the 
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 from collections.abc import Awaitable, Callable, Sequence
 from contextvars import ContextVar
@@ -236,6 +237,7 @@ class InProcessPolls:
         self._client = client
         self._polls: set[asyncio.Task[None]] = set()
         self._ready: list[tuple[Deliver, int, Answer | PollResult]] = []
+        self._generation = 0  # cancel_all moves it on: answers of older polls are dropped
 
     @property
     def available(self) -> bool:
@@ -245,17 +247,21 @@ class InProcessPolls:
         self, polls: Sequence[tuple[int, str]], *, before_retry: RetryGate, deliver: Deliver
     ) -> None:
         for key, task_id in polls:
-            task = asyncio.create_task(self._poll(key, task_id, before_retry, deliver))
+            task = asyncio.create_task(
+                self._poll(key, task_id, before_retry, deliver, self._generation)
+            )
             self._polls.add(task)
             task.add_done_callback(self._polls.discard)
 
     async def _poll(
-        self, key: int, task_id: str, before_retry: RetryGate, deliver: Deliver
+        self, key: int, task_id: str, before_retry: RetryGate, deliver: Deliver, generation: int
     ) -> None:
         try:
             answer = await self._client.fetch_answer(task_id, before_retry=before_retry)
         except Exception as exc:  # fetch_answer classifies what it expects; an answer is owed
             answer = PollResult(outcome=PollOutcome.NETWORK_ERROR, detail=type(exc).__name__)
+        if generation != self._generation:
+            return  # cancelled meanwhile
         if not self._ready:
             asyncio.get_running_loop().call_soon(self._deliver_ready)
         self._ready.append((deliver, key, answer))
@@ -265,22 +271,25 @@ class InProcessPolls:
         deliver_grouped(ready)
 
     async def cancel_all(self) -> None:
+        self._generation += 1
+        self._ready.clear()  # before the await: nothing reaches `deliver` from here on
         for task in self._polls:
             task.cancel()
         await asyncio.gather(*self._polls, return_exceptions=True)
-        self._ready.clear()
 
 
 def deliver_grouped(ready: Sequence[tuple[Deliver, int, Answer | PollResult]]) -> None:
     """One call of each Deliver with all of its answers (there is one poller: one call)."""
     if not ready:
         return
-    first = ready[0][0]
-    if all(deliver is first for deliver, _, _ in ready):
-        first([(key, answer) for _, key, answer in ready])
-        return
     grouped: dict[Deliver, list[tuple[int, Answer | PollResult]]] = {}
     for deliver, key, answer in ready:
         grouped.setdefault(deliver, []).append((key, answer))
     for deliver, answers in grouped.items():
-        deliver(answers)
+        try:
+            deliver(answers)
+        except Exception:  # a bug in the caller: logged; the transport's own state stays sound
+            _log.exception("poll_answers_not_delivered", extra={"count": len(answers)})
+
+
+_log = logging.getLogger("relay.upstream")

@@ -52,12 +52,14 @@ class HeldTransport:
             self.submitted.append(task_id)
         self._deliver = deliver
 
-    def answer(self, status: str = "queued", count: int | None = None) -> list[int]:
-        """Answer the `count` oldest polls (all by default) in one delivery; their keys."""
-        keys = list(self.polls)[:count]
+    def answer(self, status: str = "queued", *, first: str | None = None) -> None:
+        """Answer every poll in one delivery: `status`, the oldest `first` if given."""
         assert self._deliver is not None
-        self._deliver([(key, _answer(self.polls.pop(key), status)) for key in keys])
-        return keys
+        answers = []
+        for n, key in enumerate(list(self.polls)):
+            said = first if n == 0 and first is not None else status
+            answers.append((key, _answer(self.polls.pop(key), said)))
+        self._deliver(answers)
 
     def deliver_late(self, keys: list[int]) -> None:
         """Answers for polls the poller no longer waits for."""
@@ -192,8 +194,7 @@ async def test_a_stop_waits_for_the_answers_and_their_writes(
     runner = asyncio.create_task(poller.run(stopping))
     await _until(lambda: len(transport.polls) == 4)
     stopping.set()
-    for _ in range(20):
-        await asyncio.sleep(0)
+    await _until(lambda: bool(poller._idle_waiters))  # run() is waiting for the drain
     assert not runner.done()  # four polls are still on the wire
     transport.answer()
     await asyncio.wait_for(runner, BOUND_S)
@@ -212,6 +213,7 @@ async def test_past_the_drain_bound_unanswered_polls_are_handed_back(
     keys = list(transport.polls)
     assert NOW + 60.0 == await store.next_poll_due_at()  # all three leased
     stopping.set()
+    await _until(lambda: bool(poller._idle_waiters))  # run() is waiting for the drain
     await poller.cancel_in_flight()
     await asyncio.wait_for(runner, BOUND_S)
     assert 1 == transport.cancelled
@@ -233,8 +235,7 @@ async def test_a_finished_task_in_a_batch_moves_its_watch_and_the_others_are_upd
     await _until(lambda: len(transport.polls) == 3)
     first = next(iter(transport.polls))
     finishing = transport.polls[first]
-    transport.answer("success", count=1)
-    transport.answer("handling")
+    transport.answer("handling", first="success")  # one batch: a finish and two updates
     assert 3 == await asyncio.wait_for(tick, BOUND_S)
     assert [1] == finished
     watch = await store.get_watch(f"wt_{task_ids.index(finishing)}")
