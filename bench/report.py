@@ -238,6 +238,13 @@ def _registration_rows(r: dict[str, Any], add: Add) -> None:
     add("", "201s durable in the file", f"{r['rows_in_store']:,} rows", "registration_durable")
     add("", "relay CPU per 1,000", f"{r['relay_cpu_s_per_1k']:.3f} s")
     add("", "cores used: relay / client / rest", _cores(r["cpu"], "relay", "client"))
+    floor = r.get("floor")
+    if floor is not None:  # runs written before the floor was measured have none
+        ratio = r["ratio_to_floor"]
+        add("", "bare aiohttp POST /watch, measured after",
+            f"{floor['requests_per_s']:,.0f}/s (relay at "
+            f"{'-' if ratio is None else f'{100 * ratio:.0f}%'})")  # fmt: skip
+        add("", "bare handler CPU per 1,000", f"{floor['cpu_s_per_1k']:.3f} s")
 
 
 def _polls_rows(p: dict[str, Any], add: Add) -> None:

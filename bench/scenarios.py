@@ -300,8 +300,14 @@ async def registration(b: Bench) -> dict[str, Any]:
     relay_cpu = cpu["relay_cores"] * cpu["seconds"]
     # Durability check: every 201 is a row in the file after the relay stopped.
     rows = await asyncio.to_thread(_count_rows, b.workdir / "registration.db")
+    # Measured right after the relay's window, as the polls' ceiling is: this VM's speed drifts.
+    floor = await _registration_floor(b)
     return {
         "watches_per_s": result["rate_per_s"],
+        "floor": floor,
+        "ratio_to_floor": result["rate_per_s"] / floor["requests_per_s"]
+        if floor["requests_per_s"]
+        else None,
         "latency_ms": result["latency_ms"],
         "created_201": result["statuses"].get("201", 0),
         "rows_in_store": rows,
@@ -319,6 +325,34 @@ async def registration(b: Bench) -> dict[str, Any]:
             "client": f"{result['client']} HTTP/1.1 client, keep-alive, own process",
             "note": "each new task's first poll is due at once; the default 50/s budget caps them",
         },
+    }
+
+
+async def _registration_floor(b: Bench) -> dict[str, Any]:
+    """The same load against a bare aiohttp `POST /watch` (bench/floor.py, its own process): the
+    most registrations one aiohttp process could answer here, with no relay behind them."""
+    plan = b.plan
+    async with AsyncExitStack() as stack:
+        port = free_port()
+        floor = Child(
+            "registration-floor", ["-m", "bench.floor", "--port", str(port)],
+            b.workdir / "registration-floor.log", port=port,
+        )  # fmt: skip
+        await launch(stack, b.session, floor, ready_path="/_floor/ready")
+        meter = CpuMeter({"floor": floor})
+        result = await b.load(
+            "registration-floor-client", "watch", f"{floor.url}/watch",
+            "--ids", f"tk-hiapi-slow-floor-{b.tag}-", "--callback", UNUSED_CALLBACK,
+            "--warmup", str(plan.registration_warmup_s), duration=plan.registration_s,
+        )  # fmt: skip
+        cpu = meter.stop(client=result["client_process_cpu_s"])
+    floor_cpu = cpu["floor_cores"] * cpu["seconds"]
+    return {
+        "requests_per_s": result["rate_per_s"],
+        "latency_ms": result["latency_ms"],
+        "errors": result["sent_total"] - result["ok_total"],
+        "cpu_s_per_1k": 1000 * floor_cpu / max(1, result["sent_total"]),
+        "cpu": cpu,
     }
 
 

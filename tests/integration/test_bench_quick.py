@@ -33,6 +33,8 @@ def _figures(doc: dict[str, Any]) -> dict[str, Any]:
         "registration.watches_per_s": s["registration"]["watches_per_s"],
         "registration.latency_ms.p50": s["registration"]["latency_ms"]["p50"],
         "registration.latency_ms.p99": s["registration"]["latency_ms"]["p99"],
+        "registration.floor.requests_per_s": s["registration"]["floor"]["requests_per_s"],
+        "registration.ratio_to_floor": s["registration"]["ratio_to_floor"],
         "polls.polls_per_s": s["polls"]["polls_per_s"],
         "polls.relay_cpu_s_per_1k_polls": s["polls"]["relay_cpu_s_per_1k_polls"],
         "polls.ratio_to_ceiling": s["polls"]["ratio_to_ceiling"],
