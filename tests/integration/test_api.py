@@ -1232,6 +1232,8 @@ async def test_every_answer_is_counted_by_route_method_and_code(make_relay: Rela
 
     assert 201 == (await post_watch(relay, body, headers=ok)).status
     assert 200 == (await post_watch(relay, body, headers=ok)).status
+    other = {"taskId": f"{TASK}-other", "callbackUrl": HOOK}
+    assert 201 == (await post_watch(relay, other, headers=ok)).status  # the same series again
     assert 401 == (await post_watch(relay, body)).status
     assert 422 == (await post_watch(relay, {"taskId": 7}, headers=ok)).status
     assert 404 == (await relay.client.get(f"/watch/{UNKNOWN_ID}", headers=ok)).status
@@ -1239,7 +1241,7 @@ async def test_every_answer_is_counted_by_route_method_and_code(make_relay: Rela
     assert 405 == (await relay.client.put("/watch", headers=ok)).status
 
     expected = {
-        ("/watch", "POST", 201): 1,
+        ("/watch", "POST", 201): 2,
         ("/watch", "POST", 200): 1,
         ("/watch", "POST", 401): 1,
         ("/watch", "POST", 422): 1,
@@ -1248,3 +1250,7 @@ async def test_every_answer_is_counted_by_route_method_and_code(make_relay: Rela
         ("unmatched", "PUT", 405): 1,
     }
     assert expected == {key: http_count(relay, *key) for key in expected}
+    timed = relay.sample(
+        "relay_http_request_duration_seconds_count", {"route": "/watch", "method": "POST"}
+    )
+    assert 5 == timed  # every POST /watch above, whatever its code
