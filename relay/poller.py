@@ -47,7 +47,7 @@ def burst_for(rps: float) -> float:
 
 EXPIRY_EVERY_S = 1.0
 # While no poll worker runs, how often the loop looks again (a restarted one is up in ~0.5 s).
-FETCHER_RECHECK_S = 0.25
+TRANSPORT_RECHECK_S = 0.25
 
 
 class Poller(ClaimLoop[TaskClaim]):
@@ -148,9 +148,18 @@ class Poller(ClaimLoop[TaskClaim]):
         if self._bucket.available(now) <= 0:
             return now + self._bucket.wait_s(now)
         if not self._transport.available:
-            return now + FETCHER_RECHECK_S
+            return now + TRANSPORT_RECHECK_S
         due = await self._store.next_poll_due_at()
-        return None if due is None else min(due, self._last_expiry + EXPIRY_EVERY_S)
+        # A watch's deadline is acted on by expire(), at most every EXPIRY_EVERY_S: a deadline
+        # already past waits for that turn. Taken as due now, it sent the loop round without a
+        # pause until then (thousands of empty claims a second).
+        next_expiry = self._last_expiry + EXPIRY_EVERY_S
+        if due is None or due > next_expiry:
+            deadline = await self._store.next_deadline_at()
+            if deadline is not None:
+                expiry_due = max(deadline, next_expiry)
+                due = expiry_due if due is None else min(due, expiry_due)
+        return due
 
     async def _retry_token(self) -> None:
         """An immediate retry is a request like any other: it waits for a token of the budget.
@@ -185,7 +194,8 @@ class Poller(ClaimLoop[TaskClaim]):
         self._transport.submit(polls, before_retry=self._retry_token, deliver=self._deliver)
 
     def _on_answers(self, answers: list[tuple[int, Answer | PollResult]]) -> None:
-        """A batch of answers: classify, count and plan each; write them all with one call."""
+        """A batch of answers: classify, count and plan each; write the updates with one call
+        and each finish with its own (see _record)."""
         finished = time.perf_counter()
         now = self._clock()
         done: list[tuple[TaskClaim, PollResult, TaskUpdate | TaskFinish]] = []
@@ -244,9 +254,12 @@ class Poller(ClaimLoop[TaskClaim]):
             moved = await self._guarded(self._store.apply_poll_results([finish], now=now))
             if moved is None:
                 continue
-            self._log_poll(claim, result, finish, moved)
-            self._metrics.events_emitted.labels(finish.event_type.value).inc(moved)
-            self._on_finished()
+            try:  # a bug here must not keep the batch's other finishes from their writes
+                self._log_poll(claim, result, finish, moved)
+                self._metrics.events_emitted.labels(finish.event_type.value).inc(moved)
+                self._on_finished()
+            except Exception:
+                self._item_crashed()
 
     async def _guarded(self, write: Awaitable[int]) -> int | None:
         """The write's result, or None once its failure is logged and counted."""
@@ -276,7 +289,7 @@ class Poller(ClaimLoop[TaskClaim]):
             self._idle_waiters.append(waiter)
             await waiter
 
-    async def cancel_in_flight(self) -> None:
+    async def _cancel_in_flight(self) -> None:
         await self._transport.cancel_all()
         cut_short = [claim for claim, _ in self._outstanding.values()]
         self._requests_in_flight -= len(self._outstanding)

@@ -364,9 +364,12 @@ class PollWorkerPool:
         loop = asyncio.get_running_loop()
         live = [c for c in self._children if c.ready]
         if not live:
-            failed: list[tuple[int, Answer | PollResult]] = [(key, _NO_WORKER) for key, _ in polls]
+            failed: list[tuple[Deliver, int, Answer | PollResult]] = [
+                (deliver, key, _NO_WORKER) for key, _ in polls
+            ]
             # Later, never from within submit(): the caller is still registering these polls.
-            loop.call_soon(deliver, failed)
+            # (An answer for a poll cancelled meanwhile is one its caller no longer knows.)
+            loop.call_soon(deliver_grouped, failed)
             return
         sent_at = loop.time()
         request_ids = self._request_ids

@@ -51,6 +51,9 @@ class ClaimLoop(abc.ABC, Generic[J]):
         # so slow items never hold due work back for longer.
         self._claim_batch = max(1, concurrency // CLAIM_BATCH_DIVISOR)
         self._short_since: float | None = None
+        # Set by cancel_in_flight: a claim still in progress then is handed back when it
+        # returns, never launched after the work in flight was stopped.
+        self._cutting_short = False
 
     @abc.abstractmethod
     async def _claim(self, now: float, free: int) -> list[J]:
@@ -73,11 +76,17 @@ class ClaimLoop(abc.ABC, Generic[J]):
         """Return once every item started has ended (its result recorded)."""
 
     @abc.abstractmethod
+    async def _cancel_in_flight(self) -> None:
+        """Stop what is still running and hand it back to the store."""
+
     async def cancel_in_flight(self) -> None:
-        """Past the drain bound: stop what is still running and hand it back to the store.
+        """Past the drain bound: stop what is still running and hand it back to the store; a
+        claim that returns from now on is handed back too, not started.
 
         If the store cannot take it back now, the leases bring it back later: nothing is lost.
         """
+        self._cutting_short = True
+        await self._cancel_in_flight()
 
     @property
     @abc.abstractmethod
@@ -94,9 +103,7 @@ class ClaimLoop(abc.ABC, Generic[J]):
     async def tick(self, now: float) -> int:
         """One iteration at `now`: claim what is due and wait for all of it; return the count."""
         items = await self._claim(now, self._concurrency)
-        if items:
-            self._active += len(items)
-            self._launch(items)
+        await self._start(items)
         await self._wait_in_flight()
         return len(items)
 
@@ -136,9 +143,8 @@ class ClaimLoop(abc.ABC, Generic[J]):
                 return wait  # or sooner: a batch's worth of finishing items wakes this loop
         self._short_since = None
         items = await self._claim(now, free)
-        self._active += len(items)
-        if items:
-            self._launch(items)
+        if not await self._start(items):
+            return IDLE_WAIT_S  # stopping: the run task is about to be cancelled
         if items and len(items) == free:
             return 0.0  # the pool is full; go round, and wait for a finishing item there
         if self._active >= self._concurrency:
@@ -148,6 +154,16 @@ class ClaimLoop(abc.ABC, Generic[J]):
             return IDLE_WAIT_S
         wait = due - self._clock()
         return min(IDLE_WAIT_S, wait + DUE_BATCH_WINDOW_S if wait > 0 else wait)
+
+    async def _start(self, items: list[J]) -> bool:
+        """Launch claimed items; False if a stop is cutting work short (they went back)."""
+        if self._cutting_short:
+            await self._hand_back_cut_short(items)
+            return False
+        if items:
+            self._active += len(items)
+            self._launch(items)
+        return True
 
     async def _sleep(self, seconds: float) -> None:
         """Idle up to `seconds`, or until wake()."""
@@ -220,7 +236,7 @@ class WorkLoop(ClaimLoop[J]):
         while self._in_flight:
             await asyncio.gather(*self._in_flight, return_exceptions=True)
 
-    async def cancel_in_flight(self) -> None:
+    async def _cancel_in_flight(self) -> None:
         for task in self._in_flight:
             task.cancel()
         await self._wait_in_flight()

@@ -88,7 +88,10 @@ class Store(Protocol):
         attempt recorded) is left alone."""
 
     async def next_poll_due_at(self) -> float | None:
-        """The earliest time a poll or a watch deadline falls due."""
+        """The earliest time a poll falls due (a leased stream's at its lease's end)."""
+
+    async def next_deadline_at(self) -> float | None:
+        """The earliest deadline of a watch still watching (passed ones included)."""
 
     async def next_delivery_due_at(self) -> float | None:
         """The earliest time a callback attempt falls due."""

@@ -606,11 +606,17 @@ class PostgresStore:
 
     async def next_poll_due_at(self) -> float | None:
         async def run(conn: Conn) -> float | None:
-            due: float | None = await conn.fetchval(
-                "SELECT LEAST((SELECT min(next_poll_at) FROM tasks),"
-                " (SELECT min(deadline_at) FROM watches WHERE state = 'watching'))"
-            )
+            due: float | None = await conn.fetchval("SELECT min(next_poll_at) FROM tasks")
             return due
+
+        return await self._run(run)
+
+    async def next_deadline_at(self) -> float | None:
+        async def run(conn: Conn) -> float | None:
+            deadline: float | None = await conn.fetchval(
+                "SELECT min(deadline_at) FROM watches WHERE state = 'watching'"
+            )
+            return deadline
 
         return await self._run(run)
 

@@ -650,10 +650,16 @@ class SQLiteStore:
 
     async def next_poll_due_at(self) -> float | None:
         def run(conn: sqlite3.Connection) -> float | None:
+            row = conn.execute("SELECT MIN(next_poll_at) FROM tasks").fetchone()
+            return None if row is None else row[0]
+
+        return await self._read(run)
+
+    async def next_deadline_at(self) -> float | None:
+        def run(conn: sqlite3.Connection) -> float | None:
             row = conn.execute(
-                "SELECT MIN(due) FROM (SELECT MIN(next_poll_at) AS due FROM tasks"
-                " UNION ALL SELECT MIN(deadline_at) FROM watches INDEXED BY watches_watching_deadline"
-                " WHERE state = 'watching')"
+                "SELECT MIN(deadline_at) FROM watches INDEXED BY watches_watching_deadline"
+                " WHERE state = 'watching'"
             ).fetchone()
             return None if row is None else row[0]
 

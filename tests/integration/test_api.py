@@ -144,6 +144,7 @@ async def assert_no_watch(relay: Relay, headers: dict[str, str] | None = None) -
     """Nothing was registered: no watch, no poll stream, no count, an empty listing."""
     assert dict.fromkeys(WatchState, 0) == await relay.store.count_by_state()
     assert None is await relay.store.next_poll_due_at()
+    assert None is await relay.store.next_deadline_at()
     assert 0 == relay.sample("relay_watches_registered_total")
     response = await relay.client.get("/watches", headers=headers)
     assert (200, {"watches": [], "nextCursor": None}) == (response.status, await response.json())

@@ -221,7 +221,7 @@ async def test_past_the_drain_bound_unanswered_polls_are_handed_back(
     transport.deliver_late(keys)  # an answer that comes after all is ignored
     await asyncio.sleep(0)
     assert [] == store.applied
-    assert 0 == poller.in_flight
+    assert (0, 0, 0) == (poller.in_flight, poller._active, poller._requests_in_flight)
 
 
 async def test_a_finished_task_in_a_batch_moves_its_watch_and_the_others_are_updated(
@@ -243,3 +243,26 @@ async def test_a_finished_task_in_a_batch_moves_its_watch_and_the_others_are_upd
     assert "delivering" == watch.state.value
     left = _polls_made(str(tmp_path / "relay.db"))
     assert {t: 1 for t in task_ids if t != finishing} == left  # the finished task's row is gone
+
+
+async def test_a_crash_after_a_finish_is_written_leaves_the_other_finishes_to_their_writes(
+    store: CountingStore,
+) -> None:
+    """The bookkeeping after each finish (log, metric, the deliverer's wake) failing is a bug,
+    counted; it does not keep the batch's other finishes from being written."""
+    task_ids = await _watch(store, 3)
+    transport = HeldTransport()
+
+    def crash() -> None:
+        raise RuntimeError("a bug in the deliverer's wake")
+
+    poller = _poller(store, transport, concurrency=8, on_finished=crash)
+    tick = asyncio.create_task(poller.tick(NOW))
+    await _until(lambda: len(transport.polls) == 3)
+    transport.answer("success")  # one batch, three finishes
+    assert 3 == await asyncio.wait_for(tick, BOUND_S)
+
+    states = [await store.get_watch(f"wt_{n}") for n in range(len(task_ids))]
+    assert ["delivering"] * 3 == [w.state.value for w in states if w is not None]
+    errors = poller._metrics.loop_errors.labels("poll")._value.get()
+    assert 3 == errors

@@ -45,14 +45,14 @@ class Switchable:
         pass  # every poll is answered on the next loop turn
 
 
-async def test_no_claim_while_the_fetcher_is_unavailable(tmp_path: Path) -> None:
+async def test_no_claim_while_the_transport_is_unavailable(tmp_path: Path) -> None:
     store = SQLiteStore(str(tmp_path / "relay.db"))
     await store.open()
     try:
-        fetcher = Switchable()
+        transport = Switchable()
         poller = Poller(
             store=store,
-            transport=fetcher,
+            transport=transport,
             metrics=Metrics(CollectorRegistry()),
             policy=PollPolicy.from_settings(Settings()),
             rps=100.0,
@@ -67,8 +67,8 @@ async def test_no_claim_while_the_fetcher_is_unavailable(tmp_path: Path) -> None
         assert T0 == await store.next_poll_due_at()  # still due, not leased, not backed off
         assert T0 + 1 + 0.25 == await poller._next_due_at(T0 + 1)  # it looks again soon
 
-        fetcher.available = True
+        transport.available = True
         assert 1 == await poller.tick(T0 + 2)
-        assert ["tk-hiapi-held"] == fetcher.fetched
+        assert ["tk-hiapi-held"] == transport.fetched
     finally:
         await store.close()

@@ -286,7 +286,7 @@ async def test_registering_a_pair_whose_watch_is_delivering_returns_that_watch(
     )
 
     assert ("wt_01", WatchState.DELIVERING, False) == (again.watch_id, again.state, created)
-    assert None is await store.next_poll_due_at()
+    assert (None, None) == (await store.next_poll_due_at(), await store.next_deadline_at())
 
 
 async def test_another_callback_url_on_the_same_task_shares_the_poll_stream(store: Store) -> None:
@@ -460,7 +460,7 @@ async def test_poll_result_for_a_dropped_stream_changes_nothing(store: Store) ->
     )
 
     assert 0 == moved
-    assert None is await store.next_poll_due_at()
+    assert (None, None) == (await store.next_poll_due_at(), await store.next_deadline_at())
     assert WatchState.CANCELLED == (await get(store, "wt_01")).state
 
 
@@ -652,7 +652,7 @@ async def test_cancelling_the_only_watcher_drops_the_stream_and_keeps_what_it_kn
         cancelled.updated_at,
     )
     assert cancelled == await store.get_watch("wt_01")
-    assert None is await store.next_poll_due_at()
+    assert (None, None) == (await store.next_poll_due_at(), await store.next_deadline_at())
     assert [] == await store.claim_due_tasks(now=T0 + 100, limit=10, lease_s=LEASE)
 
 
@@ -811,7 +811,7 @@ async def test_expired_watch_keeps_what_its_stream_knew(store: Store) -> None:
         watch.polls,
         watch.next_poll_at,
     )
-    assert None is await store.next_poll_due_at()
+    assert (None, None) == (await store.next_poll_due_at(), await store.next_deadline_at())
 
 
 # --- listing, counting, schedule ------------------------------------------------------------------
@@ -881,12 +881,17 @@ async def test_count_by_state_counts_every_state(store: Store) -> None:
 
 
 async def test_next_due_times_are_none_when_empty_and_take_the_earliest(store: Store) -> None:
-    """next_poll_due_at is the earliest poll or deadline; next_delivery_due_at the earliest attempt."""
-    assert (None, None) == (await store.next_poll_due_at(), await store.next_delivery_due_at())
+    """next_poll_due_at is the earliest poll, next_deadline_at the earliest deadline of a watch
+    still watching, next_delivery_due_at the earliest attempt."""
+    assert (None, None, None) == (
+        await store.next_poll_due_at(),
+        await store.next_deadline_at(),
+        await store.next_delivery_due_at(),
+    )
 
     await register(store, "wt_01", TASK_A, deadline_at=T0 + 5)
     await store.claim_due_tasks(now=T0, limit=10, lease_s=LEASE)
-    assert T0 + 5 == await store.next_poll_due_at()
+    assert (T0 + LEASE, T0 + 5) == (await store.next_poll_due_at(), await store.next_deadline_at())
 
     await register(store, "wt_02", TASK_B, now=T0 + 3)
     assert T0 + 3 == await store.next_poll_due_at()
