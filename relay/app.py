@@ -149,6 +149,7 @@ async def _loops_ctx(
         concurrency=settings.delivery_concurrency,
         per_host=settings.delivery_per_host,
         lease_s=settings.delivery_lease_s,
+        attempt_timeout_s=settings.delivery_timeout_s,
         clock=clock,
         rand=rand,
     )

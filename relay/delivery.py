@@ -27,11 +27,15 @@ from relay.store.base import Store, StoreUnavailable
 from relay.workloop import WorkLoop
 
 USER_AGENT = f"hiapi-relay/{__version__}"
-# A callback whose receiver is at its in-flight bound waits this long at most: as soon as one of
-# that receiver's attempts ends, its waiting callbacks are due again (a busy fast receiver is
-# not held to RELAY_DELIVERY_PER_HOST callbacks a second). The time is the fallback for when
-# that cannot happen here (this replica stops, or the attempts in flight hang).
-HOST_BUSY_DEFER_S = 1.0
+# A callback whose receiver is at its in-flight bound is deferred: as soon as one of that
+# receiver's attempts ends, a slot's worth of its waiting callbacks is due again (a busy fast
+# receiver is not held to RELAY_DELIVERY_PER_HOST callbacks a second). The deferral itself is
+# the fallback for when that cannot happen here (this replica stopped): the longest an attempt
+# in flight can take (RELAY_DELIVERY_TIMEOUT_S) plus this margin. A short fixed deferral made a
+# hanging receiver's whole backlog fall due, be claimed and be deferred again every second,
+# which kept the loop busy and made healthy receivers' callbacks queue behind it (20,000
+# waiting callbacks: 23 s late, measured).
+HOST_BUSY_MARGIN_S = 1.0
 
 
 def receiver_key(callback_url: str) -> str:
@@ -161,11 +165,13 @@ class Deliverer(WorkLoop[DeliveryJob]):
         concurrency: int,
         per_host: int,
         lease_s: float,
+        attempt_timeout_s: float,
         clock: Callable[[], float] = time.time,
         rand: Callable[[], float] = random.random,
     ) -> None:
         super().__init__(metrics=metrics, concurrency=concurrency, clock=clock)
         self._per_host = per_host
+        self._busy_defer_s = attempt_timeout_s + HOST_BUSY_MARGIN_S
         self._host_in_flight: Counter[str] = Counter()
         # Callbacks deferred because their receiver was busy: receiver -> deferred-to time -> ids.
         self._parked: dict[str, dict[float, list[str]]] = {}
@@ -190,7 +196,7 @@ class Deliverer(WorkLoop[DeliveryJob]):
         if busy:
             # One slow receiver must not take every slot from the healthy ones: its other
             # callbacks wait, without an attempt counted, until it has a slot free.
-            deferred_to = now + HOST_BUSY_DEFER_S
+            deferred_to = now + self._busy_defer_s
             try:
                 await self._store.defer_deliveries(
                     [i for ids in busy.values() for i in ids], due_at=deferred_to

@@ -215,7 +215,7 @@ class WorkLoop(ClaimLoop[J]):
 
     def __init__(self, *, metrics: Metrics, concurrency: int, clock: Callable[[], float]) -> None:
         super().__init__(metrics=metrics, concurrency=concurrency, clock=clock)
-        self._in_flight: set[asyncio.Task[None]] = set()
+        self._in_flight: dict[asyncio.Task[None], J] = {}
         self._cut_short: list[J] = []
 
     @abc.abstractmethod
@@ -229,7 +229,7 @@ class WorkLoop(ClaimLoop[J]):
     def _launch(self, items: list[J]) -> None:
         for item in items:
             task = asyncio.create_task(self._handle_guarded(item))
-            self._in_flight.add(task)
+            self._in_flight[task] = item
             task.add_done_callback(self._item_done)
 
     async def _wait_in_flight(self) -> None:
@@ -240,15 +240,12 @@ class WorkLoop(ClaimLoop[J]):
         for task in self._in_flight:
             task.cancel()
         await self._wait_in_flight()
-        cut_short, self._cut_short = self._cut_short, []  # filled in as each task unwound
+        cut_short, self._cut_short = self._cut_short, []  # filled in as each task ended
         await self._hand_back_cut_short(cut_short)
 
     async def _handle_guarded(self, item: J) -> None:
         try:
             await self._handle(item)
-        except asyncio.CancelledError:
-            self._cut_short.append(item)
-            raise
         except StoreUnavailable as exc:
             # The item's lease runs out and it falls due again: nothing is lost.
             self._store_unavailable(exc)
@@ -256,8 +253,11 @@ class WorkLoop(ClaimLoop[J]):
             self._item_crashed()
 
     def _item_done(self, task: asyncio.Task[None]) -> None:
-        # A done-callback, not a finally: it also runs for a task cancelled before it started.
-        self._in_flight.discard(task)
+        # A done-callback, not a finally: it also runs for a task cancelled before it started,
+        # whose item must go back to the store as surely as one cut short halfway.
+        item = self._in_flight.pop(task)
+        if task.cancelled():
+            self._cut_short.append(item)
         self._slots_freed()
 
 

@@ -464,11 +464,12 @@ async def test_one_receiver_gets_at_most_its_share_of_attempts_in_flight(
     assert 16.0 == relay.sample("relay_callbacks_deferred_total", {"reason": "receiver_busy"})
 
 
-async def test_callbacks_waiting_for_a_receiver_whose_attempts_hang_go_after_one_second(
+async def test_callbacks_waiting_for_a_receiver_whose_attempts_hang_go_after_an_attempt_s_time(
     make_relay: RelayFactory, upstream: Upstream, receiver: Receiver
 ) -> None:
-    """No attempt of the busy receiver ends: its waiting callbacks fall due after 1 s anyway."""
-    relay = await make_relay(delivery_per_host=1)
+    """No attempt of the busy receiver ends here (it hangs, or another replica holds it): its
+    waiting callbacks fall due anyway once an attempt would have timed out (2 s) plus 1 s."""
+    relay = await make_relay(delivery_per_host=1, delivery_timeout_s=2.0)
     for i in range(2):
         await upstream.flip(f"{TASK}{i}", "success")
         await relay.register(f"{TASK}{i}", receiver.at(f"/h{i}"))
@@ -478,10 +479,31 @@ async def test_callbacks_waiting_for_a_receiver_whose_attempts_hang_go_after_one
     deliverer._host_in_flight[receiver_key(receiver.at("/"))] = 1
 
     assert 0 == await relay.deliver()
-    assert 0 == await relay.deliver(0.9)
+    assert 0 == await relay.deliver(2.9)
     deliverer._host_in_flight.clear()
-    assert 1 == await relay.deliver(0.1)  # due after 1 s; one slot, so one goes...
+    assert 1 == await relay.deliver(0.1)  # due after 3 s; one slot, so one goes...
     assert 1 == await relay.deliver()  # ...and the other as soon as it ends
+
+
+async def test_a_hanging_receiver_s_backlog_is_deferred_once_per_attempt_time_not_each_second(
+    make_relay: RelayFactory, upstream: Upstream, receiver: Receiver
+) -> None:
+    """While its attempts hang, a receiver's waiting callbacks are not claimed and deferred
+    again every second: with a large backlog that churn kept the loop busy and made the other
+    receivers' callbacks queue behind it."""
+    relay = await make_relay(delivery_per_host=1, delivery_timeout_s=10.0)
+    for i in range(5):
+        await upstream.flip(f"{TASK}{i}", "success")
+        await relay.register(f"{TASK}{i}", receiver.at(f"/h{i}"))
+    await relay.poll()
+    relay.app[DELIVERER]._host_in_flight[receiver_key(receiver.at("/"))] = 1  # hangs
+
+    def deferred() -> float:
+        return relay.sample("relay_callbacks_deferred_total", {"reason": "receiver_busy"}) or 0.0
+
+    assert (0, 5.0) == (await relay.deliver(), deferred())
+    assert (0, 5.0) == (await relay.deliver(1.5), deferred())  # once, not again after 1 s
+    assert (0, 5.0) == (await relay.deliver(9.0), deferred())  # still within 10 s + 1 s
 
 
 async def test_a_receiver_freed_while_its_callbacks_were_being_parked_gets_them_at_once(

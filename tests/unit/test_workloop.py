@@ -187,3 +187,19 @@ async def test_cancel_in_flight_hands_back_what_it_cut_short_and_ends_the_drain(
     await asyncio.wait_for(runner, IDLE_WAIT_S / 2)
     assert [0, 1, 2] == sorted(loop.handed_back)
     assert 0 == loop.in_flight
+
+
+async def test_items_cancelled_before_they_started_are_handed_back_too() -> None:
+    """A claim launched in the same loop turn as the stop: its tasks never ran a step."""
+    loop = HeldOpen(concurrency=3)
+    await loop._start([0, 1, 2])  # launched; none has started yet
+    await loop.cancel_in_flight()
+    assert ([0, 1, 2], {}) == (sorted(loop.handed_back), loop.started)
+    assert (0, 0) == (loop.in_flight, loop._active)
+
+
+async def test_a_claim_back_after_the_stop_began_is_handed_back_not_started() -> None:
+    loop = HeldOpen(concurrency=3)
+    await loop.cancel_in_flight()
+    assert False is await loop._start([4, 5])
+    assert ([4, 5], {}, 0) == (loop.handed_back, loop.started, loop.in_flight)
