@@ -12,6 +12,7 @@ and so wait on, an uncommitted row except a registration of the same pair, which
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import re
 import urllib.parse
 from collections.abc import Awaitable, Callable, Sequence
@@ -75,6 +76,20 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
 _OPEN_ERRORS: tuple[type[BaseException], ...] = (*_UNAVAILABLE, asyncpg.PostgresError)
 
 _SCHEMA_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
+_MAX_IDENTIFIER_BYTES = 63  # NAMEDATALEN - 1: schema names and LISTEN/NOTIFY channels alike
+
+
+def _channel_for(schema: str) -> str:
+    """The LISTEN/NOTIFY channel of one schema, so relays on other schemas stay apart.
+
+    PostgreSQL refuses channel names over 63 bytes ("channel name too long"): a schema name
+    that would make it longer (47 characters or more) is replaced by a digest of itself.
+    """
+    channel = f"relay_registered_{schema}"
+    if len(channel.encode()) <= _MAX_IDENTIFIER_BYTES:
+        return channel  # what every relay so far has used: a rolling upgrade keeps it
+    return f"relay_registered_{hashlib.sha256(schema.encode()).hexdigest()[:16]}"
+
 
 MIGRATIONS: tuple[str, ...] = (
     """
@@ -219,8 +234,7 @@ class PostgresStore:
         self._command_timeout_s = command_timeout_s
         self._secrets = _dsn_secrets(dsn)
         self._pool: asyncpg.Pool[asyncpg.Record] | None = None
-        # One channel per schema, so relays on other schemas of the same database stay apart.
-        self._channel = f"relay_registered_{schema}"
+        self._channel = _channel_for(schema)
 
     # --- plumbing ---------------------------------------------------------------------------------
 
@@ -326,10 +340,13 @@ class PostgresStore:
     ) -> tuple[Watch, bool]:
         async def register(conn: Conn) -> tuple[Watch, bool]:
             for _ in range(_TX_ATTEMPTS):
-                # The newest active one: a redelivered watch may be delivering beside a newer one.
+                # The watching one if any (a redelivered watch may be delivering beside it; ids
+                # come from each replica's clock, so the newest id need not be the watching
+                # one), else the newest.
                 found_id = await conn.fetchval(
                     "SELECT watch_id FROM watches WHERE task_id = $1 AND callback_url = $2"
-                    " AND state IN ('watching', 'delivering') ORDER BY watch_id DESC LIMIT 1",
+                    " AND state IN ('watching', 'delivering')"
+                    " ORDER BY state = 'watching' DESC, watch_id DESC LIMIT 1",
                     new.task_id,
                     new.callback_url,
                 )

@@ -365,7 +365,10 @@ class SQLiteStore:
         def register(conn: sqlite3.Connection) -> tuple[Watch, bool]:
             row = conn.execute(
                 "SELECT watch_id FROM watches WHERE task_id = ? AND callback_url = ?"
-                " AND state IN ('watching', 'delivering')",
+                " AND state IN ('watching', 'delivering')"
+                # The watching one if any (a redelivered watch may be delivering beside it),
+                # else the newest: the same answer the PostgreSQL store gives.
+                " ORDER BY state = 'watching' DESC, watch_id DESC LIMIT 1",
                 (new.task_id, new.callback_url),
             ).fetchone()
             if row is not None:

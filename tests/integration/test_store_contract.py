@@ -335,6 +335,26 @@ async def test_pair_registers_anew_once_its_watch_was_cancelled(store: Store) ->
     assert created
 
 
+async def test_registering_again_answers_the_watching_watch_beside_a_redelivered_one(
+    store: Store,
+) -> None:
+    """A delivered watch redelivered while a newer watch of the same pair is watching: a new
+    registration answers the watching one, whichever id sorts higher (ids come from each
+    replica's clock)."""
+    await delivered_watch(store, "wt_09", outcome=DeliveryOutcome.DELIVERED)
+    await register(store, "wt_02", now=T0 + 5)
+    await store.redeliver("wt_09", now=T0 + 6)
+
+    watch, created = await store.register(
+        NewWatch(task_id=TASK_A, callback_url=HOOK, metadata=None),
+        watch_id="wt_10",
+        now=T0 + 7,
+        deadline_at=T0 + HOUR,
+    )
+
+    assert (False, "wt_02", WatchState.WATCHING) == (created, watch.watch_id, watch.state)
+
+
 async def test_registering_with_a_taken_watch_id_conflicts(store: Store) -> None:
     """An id clash is a StoreConflict, and the first watch stays as it was."""
     first = await register(store, "wt_01")
@@ -1174,6 +1194,29 @@ async def test_unreachable_database_is_unavailable_without_echoing_the_password(
     assert "s3cret-pw" not in str(caught.value)
     with pytest.raises(StoreUnavailable):
         await store.ping()
+
+
+async def test_the_longest_schema_name_accepted_still_registers(
+    pg_dsn: str, pg_prefix: str, schemas: Schemas
+) -> None:
+    """A 63-character schema: its LISTEN/NOTIFY channel would pass PostgreSQL's 63-byte limit,
+    so it is a digest; registrations go through and still wake a listening replica."""
+    schema = schemas("s" * (62 - len(pg_prefix)))
+    assert 63 == len(schema)
+    store = PostgresStore(pg_dsn, schema=schema)
+    await store.open()
+    stopping = asyncio.Event()
+    woken = asyncio.Event()
+    listener = asyncio.create_task(store.listen_registrations(woken.set, stopping))
+    try:
+        await asyncio.wait_for(woken.wait(), 10)  # the first wake comes once it listens
+        woken.clear()
+        await register(store, "wt_01")
+        await asyncio.wait_for(woken.wait(), 10)
+    finally:
+        stopping.set()
+        await asyncio.wait_for(listener, 10)
+        await store.close()
 
 
 async def test_closed_store_is_unavailable(pg_dsn: str, schemas: Schemas) -> None:
