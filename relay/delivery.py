@@ -22,6 +22,7 @@ from yarl import URL
 from relay import __version__, logs, signing
 from relay.metrics import Metrics
 from relay.models import DeliveryJob, DeliveryOutcome, DeliveryResult
+from relay.netpolicy import AddressForbidden
 from relay.policy import DeliveryPolicy, classify_delivery, parse_retry_after, plan_after_delivery
 from relay.store.base import Store, StoreUnavailable
 from relay.workloop import WorkLoop
@@ -36,6 +37,8 @@ USER_AGENT = f"hiapi-relay/{__version__}"
 # which kept the loop busy and made healthy receivers' callbacks queue behind it (20,000
 # waiting callbacks: 23 s late, measured).
 HOST_BUSY_MARGIN_S = 1.0
+_FORBIDDEN_DETAIL = "cannot connect: the network policy forbids every address of this host"
+_log = logging.getLogger("relay.delivery")
 
 
 def receiver_key(callback_url: str) -> str:
@@ -136,6 +139,18 @@ class CallbackSender:
                 outcome=DeliveryOutcome.RETRY, detail=f"no answer within {self._timeout_s:g} s"
             )
         except aiohttp.ClientConnectorError as exc:
+            if isinstance(exc.os_error, AddressForbidden):
+                # The addresses go to the operator's log only: lastError is the API's, and
+                # must not tell a caller what an internal name resolves to.
+                logs.event(
+                    _log,
+                    "callback_address_forbidden",
+                    logging.WARNING,
+                    watch_id=job.watch_id,
+                    task_id=job.task_id,
+                    detail=str(exc.os_error),
+                )
+                return DeliveryResult(outcome=DeliveryOutcome.RETRY, detail=_FORBIDDEN_DETAIL)
             return DeliveryResult(
                 outcome=DeliveryOutcome.RETRY, detail=f"cannot connect: {exc.os_error}"
             )

@@ -104,6 +104,12 @@ _NUMERIC_HOST = re.compile(
 
 
 # The name is the API's word for the outcome (a 422), not an "Error" in the relay.
+class AddressForbidden(OSError):
+    """A callback connection refused by the network policy. Its message names the addresses:
+    for the operator's log, never for the API (a receiver's lastError must not map internal
+    DNS)."""
+
+
 class CallbackUrlRejected(Exception):
     """A callback URL the relay refuses; `reason` is one sentence, safe to show the client."""
 
@@ -188,7 +194,9 @@ class CallbackPolicy:
         address = parse_ip(host)
         reason = _NOT_GLOBAL if address is None else self.forbidden_reason(address)
         if reason is not None:
-            raise OSError(errno.EACCES, f"connecting to {host} is forbidden: it is {reason}")
+            raise AddressForbidden(
+                errno.EACCES, f"connecting to {host} is forbidden: it is {reason}"
+            )
         return socket.socket(family, type_, proto)
 
 
@@ -211,7 +219,7 @@ class PolicyResolver(AbstractResolver):
         if not allowed:
             # An OSError makes aiohttp report a ClientConnectorError for the request.
             refused = ", ".join(result["host"] for result in results)
-            raise OSError(
+            raise AddressForbidden(
                 errno.EACCES,
                 f"{host} resolves only to addresses the network policy forbids: {refused}",
             )
@@ -309,8 +317,14 @@ async def check_callback_url(
             raise CallbackUrlRejected(f"callbackUrl host {host!r} does not resolve")
     for address in addresses:
         reason = policy.forbidden_reason(address)
-        if reason is not None:
+        if reason is None:
+            continue
+        if literal is not None:  # the caller's own input: naming it reveals nothing
             raise CallbackUrlRejected(
                 f"callbackUrl resolves to {address}, {reason}, which the network policy forbids"
             )
+        # A name's forbidden address stays unsaid: the answer must not map internal DNS.
+        raise CallbackUrlRejected(
+            f"callbackUrl host {host!r} resolves to {reason}, which the network policy forbids"
+        )
     return parsed

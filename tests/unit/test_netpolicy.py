@@ -47,6 +47,11 @@ def forbids(address: str, phrase: str) -> str:
     return f"callbackUrl resolves to {ip(address)}, {phrase}, which the network policy forbids"
 
 
+def forbids_name(host: str, phrase: str) -> str:
+    # The address a name resolves to is not said: the answer must not map internal DNS.
+    return f"callbackUrl host {host!r} resolves to {phrase}, which the network policy forbids"
+
+
 def legacy(host: str, address: str) -> str:
     return (
         f"callbackUrl host {host!r} is a legacy numeric form of {address}; "
@@ -142,7 +147,7 @@ LOOPBACK = "a loopback address"
         ("http://0x7f000001/", legacy("0x7f000001", "127.0.0.1")),
         ("http://0177.0.0.1/", legacy("0177.0.0.1", "127.0.0.1")),
         ("http://[::1]/", forbids("::1", LOOPBACK)),
-        ("http://localhost/", forbids("127.0.0.1", LOOPBACK)),
+        ("http://localhost/", forbids_name("localhost", LOOPBACK)),
         ("http://[::ffff:127.0.0.1]/", forbids("::ffff:127.0.0.1", LOOPBACK)),
         ("http://[::ffff:7f00:1]/", forbids("::ffff:127.0.0.1", LOOPBACK)),
     ],
@@ -158,7 +163,7 @@ async def test_localhost_is_rejected_through_the_system_resolver() -> None:
     """The real resolver's answer for localhost is judged like any other name's."""
     with pytest.raises(CallbackUrlRejected) as caught:
         await check_callback_url("http://localhost:8080/", NO_ALLOW)
-    assert caught.value.reason in {forbids("127.0.0.1", LOOPBACK), forbids("::1", LOOPBACK)}
+    assert caught.value.reason == forbids_name("localhost", LOOPBACK)
 
 
 @pytest.mark.parametrize("url", ["http://127.0.0.1/", "http://[::1]/", "http://localhost/"])
@@ -236,7 +241,8 @@ async def test_one_forbidden_address_among_several_rejects_the_name() -> None:
     dns = fake_dns({"mixed.example": ["8.8.8.8", "10.0.0.1"]})
     with pytest.raises(CallbackUrlRejected) as caught:
         await check_callback_url("https://mixed.example/hook", NO_ALLOW, dns)
-    assert caught.value.reason == forbids("10.0.0.1", "a private address")
+    assert caught.value.reason == forbids_name("mixed.example", "a private address")
+    assert "10.0.0.1" not in caught.value.reason
 
 
 async def test_a_name_with_only_global_addresses_registers() -> None:
@@ -474,3 +480,32 @@ def test_remembered_host_checks_answer_as_the_first_time_and_skip_long_hosts() -
     assert kept == parse_ip.cache.cache_info().currsize  # longer than any DNS name: not kept
     assert parse_ip(f"{kept}.receiver.example") is None
     assert kept + 1 == parse_ip.cache.cache_info().currsize
+
+
+async def test_a_refused_callback_says_why_without_the_addresses(receiver: Receiver) -> None:
+    """A name re-pointed at loopback after registration: the attempt is refused, and its
+    lastError (the API's) does not say what the name resolves to; the operator's log does."""
+    from relay.delivery import CallbackSender
+    from relay.models import DeliveryJob, DeliveryOutcome, EventType
+
+    inner = StaticResolver({"callback.example": ["127.0.0.1"]})
+    connector = make_callback_connector(NO_ALLOW, limit=1, inner_resolver=inner)
+    job = DeliveryJob(
+        watch_id="wt_x",
+        task_id="tk-hiapi-x",
+        callback_url=f"http://callback.example:{receiver.port}/",
+        metadata=None,
+        event_type=EventType.SUCCESS,
+        task_data=None,
+        event_at=1_700_000_000.0,
+        attempts=0,
+        due_at=1_700_000_000.0,
+    )
+    async with aiohttp.ClientSession(connector=connector) as session:
+        result = await CallbackSender(session, keys=[], timeout_s=5).send(job, now=job.event_at)
+    assert (DeliveryOutcome.RETRY, [], False) == (
+        result.outcome,
+        receiver.hits,
+        "127.0.0.1" in (result.detail or ""),
+    )
+    assert "network policy" in (result.detail or "")
