@@ -246,10 +246,14 @@ def plan_after_poll(
         )
 
     streak = claim.error_streak + 1
-    delay = jittered(
-        exponential(streak, initial=policy.initial_s, cap=policy.error_backoff_max_s),
-        policy.jitter,
-        rand,
+    # Jittered, then capped: RELAY_ERROR_BACKOFF_MAX_S is the longest wait, jitter included.
+    delay = min(
+        policy.error_backoff_max_s,
+        jittered(
+            exponential(streak, initial=policy.initial_s, cap=policy.error_backoff_max_s),
+            policy.jitter,
+            rand,
+        ),
     )
     delay = honor_retry_after(delay, result.retry_after, policy.retry_after_max_s)
     detail = f": {result.detail}" if result.detail else ""
@@ -312,10 +316,14 @@ def plan_after_delivery(
             next_attempt_at=None,
             last_error=reason,
         )
-    delay = jittered(
-        exponential(attempts, initial=policy.backoff_s, cap=policy.backoff_max_s),
-        policy.jitter,
-        rand,
+    # Jittered, then capped: RELAY_DELIVERY_BACKOFF_MAX_S is the longest delay, jitter included.
+    delay = min(
+        policy.backoff_max_s,
+        jittered(
+            exponential(attempts, initial=policy.backoff_s, cap=policy.backoff_max_s),
+            policy.jitter,
+            rand,
+        ),
     )
     delay = honor_retry_after(delay, result.retry_after, policy.backoff_max_s)
     return DeliveryRecord(

@@ -1035,3 +1035,14 @@ def test_delivery_policy_takes_its_numbers_from_settings() -> None:
     """The defaults are 5 s doubling to an hour, ten attempts, the poll jitter."""
     expected = DeliveryPolicy(backoff_s=5.0, backoff_max_s=3600.0, max_attempts=10, jitter=0.2)
     assert expected == DeliveryPolicy.from_settings(Settings())
+
+
+@pytest.mark.parametrize(("rand", "expected"), [(0.0, 0.8), (0.5, 1.0), (0.999, 1.0)])
+def test_jitter_never_takes_a_delay_past_its_cap(rand: float, expected: float) -> None:
+    """At the cap, jitter only shortens: RELAY_DELIVERY_BACKOFF_MAX_S and
+    RELAY_ERROR_BACKOFF_MAX_S are the longest waits, as documented."""
+    retry = plan_after_delivery(job(15), RETRY_503, now=0.0, rand=rand, policy=LONG_DELIVERY)
+    failed = PollResult(outcome=PollOutcome.SERVER_ERROR, http_status=503, detail="HTTP 503")
+    poll = plan_after_poll(claim(error_streak=20), failed, now=0.0, rand=rand, policy=POLL)
+    assert isinstance(poll, TaskUpdate)
+    assert (3600.0 * expected, 300.0 * expected) == (retry.next_attempt_at, poll.next_poll_at)
