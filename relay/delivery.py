@@ -274,7 +274,6 @@ class Deliverer(WorkLoop[DeliveryJob]):
         return await self._store.next_delivery_due_at()
 
     async def _handle(self, item: DeliveryJob) -> None:
-        metrics = self._metrics
         started = time.perf_counter()
         host = receiver_key(item.callback_url)
         try:
@@ -283,6 +282,16 @@ class Deliverer(WorkLoop[DeliveryJob]):
             self._host_in_flight[host] -= 1
             if not self._host_in_flight[host]:
                 del self._host_in_flight[host]
+        try:
+            await self._record(item, result, started)
+        finally:
+            # The slot is free whether or not the record was written: the receiver's parked
+            # callbacks must not wait out their deferral because the store failed just now.
+            if host in self._parked and self._host_in_flight[host] < self._per_host:
+                await self._unpark(host)
+
+    async def _record(self, item: DeliveryJob, result: DeliveryResult, started: float) -> None:
+        metrics = self._metrics
         metrics.callback_duration.observe(time.perf_counter() - started)
         now = self._clock()
         record = plan_after_delivery(item, result, now=now, rand=self._rand(), policy=self._policy)
@@ -305,5 +314,3 @@ class Deliverer(WorkLoop[DeliveryJob]):
             http_status=result.http_status,
             detail=record.last_error,
         )
-        if host in self._parked and self._host_in_flight[host] < self._per_host:
-            await self._unpark(host)

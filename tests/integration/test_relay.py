@@ -3,11 +3,14 @@ and the loops driven one tick at a time on a fake clock."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from relay import signing
 from relay.delivery import receiver_key
 from relay.state import DELIVERER
+from relay.store.base import StoreUnavailable
 from tests.conftest import SIGNING_SECRET, Receiver, Relay, RelayFactory, Upstream
 
 TASK = "tk-hiapi-01HZTQ8BX2N3GM3YFK4Z9D7VQR"
@@ -504,6 +507,34 @@ async def test_a_hanging_receiver_s_backlog_is_deferred_once_per_attempt_time_no
     assert (0, 5.0) == (await relay.deliver(), deferred())
     assert (0, 5.0) == (await relay.deliver(1.5), deferred())  # once, not again after 1 s
     assert (0, 5.0) == (await relay.deliver(9.0), deferred())  # still within 10 s + 1 s
+
+
+async def test_a_failed_record_still_frees_the_receiver_for_its_parked_callbacks(
+    make_relay: RelayFactory,
+    upstream: Upstream,
+    receiver: Receiver,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The store fails to record an attempt: the receiver's slot is free all the same, so its
+    parked callback is due at once, not when its deferral ends."""
+    relay = await make_relay(delivery_per_host=1)
+    for i in range(2):
+        await upstream.flip(f"{TASK}{i}", "success")
+        await relay.register(f"{TASK}{i}", receiver.at(f"/h{i}"))
+    await relay.poll()
+    real_record = relay.store.record_deliveries
+    failures = [StoreUnavailable("sqlite: disk I/O error")]
+
+    async def record_failing_once(records: Any, *, now: float) -> None:
+        if failures:
+            raise failures.pop()
+        await real_record(records, now=now)
+
+    monkeypatch.setattr(relay.store, "record_deliveries", record_failing_once)
+
+    assert 1 == await relay.deliver()  # one attempt (its record fails), the other parked
+    assert 1 == await relay.deliver()  # the clock has not moved: the parked one goes now
+    assert 2 == len(receiver.requests)
 
 
 async def test_a_receiver_freed_while_its_callbacks_were_being_parked_gets_them_at_once(
