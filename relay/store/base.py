@@ -36,7 +36,7 @@ class Store(Protocol):
     async def close(self) -> None: ...
 
     async def ping(self) -> None:
-        """Raise StoreUnavailable unless the store answers."""
+        """Raise StoreUnavailable unless the store answers and would commit a write."""
 
     async def register(
         self, new: NewWatch, *, watch_id: str, now: float, deadline_at: float

@@ -329,7 +329,11 @@ class PostgresStore:
 
     async def ping(self) -> None:
         async def ping(conn: Conn) -> None:
-            await conn.fetchval("SELECT 1")
+            # Ready means a registration would commit: a standby after a failover, or a role
+            # whose transactions default to read-only, answers SELECT 1 and refuses every write.
+            read_only = await conn.fetchval("SELECT current_setting('transaction_read_only')")
+            if read_only == "on":
+                raise StoreUnavailable("postgresql: the database accepts no writes (read-only)")
 
         await self._run(ping)
 

@@ -1219,6 +1219,24 @@ async def test_the_longest_schema_name_accepted_still_registers(
         await store.close()
 
 
+async def test_a_read_only_database_is_not_ready(pg_dsn: str, schemas: Schemas) -> None:
+    """A standby after a failover (here: sessions read-only by default) answers SELECT 1 but
+    refuses every registration: /readyz must say so."""
+    schema = schemas("readonly")
+    writable = PostgresStore(pg_dsn, schema=schema)
+    await writable.open()
+    await writable.ping()
+    await writable.close()
+    separator = "&" if "?" in pg_dsn else "?"
+    read_only = PostgresStore(f"{pg_dsn}{separator}default_transaction_read_only=on", schema=schema)
+    await read_only.open()
+    try:
+        with pytest.raises(StoreUnavailable, match="read-only"):
+            await read_only.ping()
+    finally:
+        await read_only.close()
+
+
 async def test_closed_store_is_unavailable(pg_dsn: str, schemas: Schemas) -> None:
     """After close, calls raise StoreUnavailable rather than anything else."""
     store = PostgresStore(pg_dsn, schema=schemas("contract"))
