@@ -433,17 +433,26 @@ class PostgresStore:
                 return await _get(conn, watch_id)
             if state not in ACTIVE_STATES:
                 raise StoreConflict(f"the watch is already {state.value}")
-            # Keep what the stream knew, so the cancelled watch still shows it.
-            await conn.execute(
-                "UPDATE watches SET state = 'cancelled', next_delivery_at = NULL, updated_at = $2,"
-                " task_status = COALESCE((SELECT status FROM tasks WHERE task_id = $3),"
-                " task_status),"
-                " polls = COALESCE((SELECT polls FROM tasks WHERE task_id = $3), polls)"
-                " WHERE watch_id = $1",
-                watch_id,
-                now,
-                task_id,
-            )
+            if state is WatchState.WATCHING:
+                # Keep what its stream knew, so the cancelled watch still shows it.
+                await conn.execute(
+                    "UPDATE watches SET state = 'cancelled', next_delivery_at = NULL,"
+                    " updated_at = $2,"
+                    " task_status = COALESCE((SELECT status FROM tasks WHERE task_id = $3),"
+                    " task_status),"
+                    " polls = COALESCE((SELECT polls FROM tasks WHERE task_id = $3), polls)"
+                    " WHERE watch_id = $1",
+                    watch_id,
+                    now,
+                    task_id,
+                )
+            else:  # delivering: it already shows its task's end; a stream now is another's
+                await conn.execute(
+                    "UPDATE watches SET state = 'cancelled', next_delivery_at = NULL,"
+                    " updated_at = $2 WHERE watch_id = $1",
+                    watch_id,
+                    now,
+                )
             await conn.execute(_DROP_UNWATCHED_TASKS, [task_id])
             return await _get(conn, watch_id)
 

@@ -451,14 +451,23 @@ class SQLiteStore:
                 return True
             if state not in ACTIVE_STATES:
                 raise StoreConflict(f"the watch is already {state.value}")
-            # Keep what the stream knew, so the cancelled watch still shows it.
-            conn.execute(
-                "UPDATE watches SET state = 'cancelled', next_delivery_at = NULL, updated_at = ?,"
-                " task_status = COALESCE((SELECT status FROM tasks WHERE task_id = ?), task_status),"
-                " polls = COALESCE((SELECT polls FROM tasks WHERE task_id = ?), polls)"
-                " WHERE watch_id = ?",
-                (now, row[1], row[1], watch_id),
-            )
+            if state is WatchState.WATCHING:
+                # Keep what its stream knew, so the cancelled watch still shows it.
+                conn.execute(
+                    "UPDATE watches SET state = 'cancelled', next_delivery_at = NULL,"
+                    " updated_at = ?,"
+                    " task_status = COALESCE((SELECT status FROM tasks WHERE task_id = ?),"
+                    " task_status),"
+                    " polls = COALESCE((SELECT polls FROM tasks WHERE task_id = ?), polls)"
+                    " WHERE watch_id = ?",
+                    (now, row[1], row[1], watch_id),
+                )
+            else:  # delivering: it already shows its task's end; a stream now is another's
+                conn.execute(
+                    "UPDATE watches SET state = 'cancelled', next_delivery_at = NULL,"
+                    " updated_at = ? WHERE watch_id = ?",
+                    (now, watch_id),
+                )
             self._drop_unwatched_tasks(conn, [row[1]])
             return True
 

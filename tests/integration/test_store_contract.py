@@ -701,6 +701,30 @@ async def test_cancelling_a_delivering_watch_stops_its_callback(store: Store) ->
     assert [] == await store.claim_due_deliveries(now=T0 + 100, limit=10, lease_s=LEASE)
 
 
+async def test_cancelling_a_delivering_watch_keeps_what_it_showed_beside_a_new_stream(
+    store: Store,
+) -> None:
+    """Its task ended; another URL then watches the same task id (a new stream, not polled
+    yet). Cancelling the delivering watch keeps its own status and polls, not the newcomer's."""
+    await register(store, "wt_01")
+    await store.claim_due_tasks(now=T0, limit=10, lease_s=LEASE)
+    await store.apply_poll_results([update(next_poll_at=T0 + 2)], now=T0 + 1)
+    await store.claim_due_tasks(now=T0 + 2, limit=10, lease_s=LEASE)
+    await store.apply_poll_results([finish()], now=T0 + 3)
+    before = await store.get_watch("wt_01")
+    assert before is not None
+    await register(store, "wt_02", callback_url=OTHER_HOOK, now=T0 + 4)
+
+    cancelled = await store.cancel_watch("wt_01", now=T0 + 5)
+
+    assert cancelled is not None
+    assert (WatchState.CANCELLED, before.task_status, before.polls) == (
+        cancelled.state,
+        cancelled.task_status,
+        cancelled.polls,
+    )
+
+
 async def test_cancel_of_an_ended_watch_conflicts_and_of_an_unknown_one_is_none(
     store: Store,
 ) -> None:
