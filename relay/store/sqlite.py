@@ -128,16 +128,25 @@ class SQLiteStore:
         # transaction (see _commit); every caller resumes only after that COMMIT.
         self._pending: deque[_Queued] = deque()
         self._flush_scheduled = False
+        # Set by close(): every call after it fails at once. (A write then reached a shut-down
+        # executor, left the flush flag set, and every later write waited forever.)
+        self._closed = False
 
     # --- plumbing ---------------------------------------------------------------------------------
 
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreUnavailable("sqlite: the store is closed")
+
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run `fn` on the writer connection, outside any transaction."""
+        self._check_open()
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._writer, self._call, fn)
 
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run a read on the reader connection; it sees every committed write."""
+        self._check_open()
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._reader, self._call_reader, fn)
 
@@ -147,6 +156,7 @@ class SQLiteStore:
         `fn` must touch nothing but the connection: when another write of its batch fails, the
         batch is rolled back and `fn` runs a second time (see _commit).
         """
+        self._check_open()
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         self._pending.append((fn, future))
@@ -332,13 +342,18 @@ class SQLiteStore:
         await self._run(lambda conn: None)
 
     async def close(self) -> None:
-        def close_writer(conn: sqlite3.Connection) -> None:
-            conn.close()
-            self._conn = None
+        def close_writer() -> None:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
 
-        if self._conn is not None:
-            await self._run(close_writer)
-        await asyncio.get_running_loop().run_in_executor(self._reader, self._close_reader)
+        if self._closed:
+            return
+        self._closed = True
+        loop = asyncio.get_running_loop()
+        # After any flush already queued: the writes accepted before close() still commit.
+        await loop.run_in_executor(self._writer, close_writer)
+        await loop.run_in_executor(self._reader, self._close_reader)
         self._writer.shutdown(wait=True)
         self._reader.shutdown(wait=True)
 

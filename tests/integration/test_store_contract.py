@@ -1261,6 +1261,31 @@ async def test_a_read_only_database_is_not_ready(pg_dsn: str, schemas: Schemas) 
         await read_only.close()
 
 
+async def test_a_closed_sqlite_store_is_unavailable_every_time(tmp_path: Path) -> None:
+    """After close, calls raise StoreUnavailable, the second write as the first (it once
+    waited forever behind a flush that could not be scheduled); a write made before close
+    is committed."""
+    store = SQLiteStore(str(tmp_path / "relay.db"))
+    await store.open()
+    before_close = asyncio.ensure_future(register(store, "wt_01"))
+    await asyncio.sleep(0)  # queued for the writer
+    await store.close()
+    await before_close
+    for _ in range(2):
+        with pytest.raises(StoreUnavailable):
+            await asyncio.wait_for(store.ping(), 5)
+    with pytest.raises(StoreUnavailable):
+        await store.get_watch("wt_01")
+    await store.close()  # a second close is harmless
+
+    reopened = SQLiteStore(str(tmp_path / "relay.db"))
+    await reopened.open()
+    try:
+        assert WatchState.WATCHING == (await get(reopened, "wt_01")).state
+    finally:
+        await reopened.close()
+
+
 async def test_closed_store_is_unavailable(pg_dsn: str, schemas: Schemas) -> None:
     """After close, calls raise StoreUnavailable rather than anything else."""
     store = PostgresStore(pg_dsn, schema=schemas("contract"))
