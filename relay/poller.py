@@ -48,6 +48,9 @@ def burst_for(rps: float) -> float:
 EXPIRY_EVERY_S = 1.0
 # While no poll worker runs, how often the loop looks again (a restarted one is up in ~0.5 s).
 TRANSPORT_RECHECK_S = 0.25
+# While the API key is rejected and a probe is out: how long the loop idles at most before it
+# looks again (the probe's answer wakes it at once).
+PROBE_WAIT_S = 1.0
 
 
 class Poller(ClaimLoop[TaskClaim]):
@@ -132,7 +135,9 @@ class Poller(ClaimLoop[TaskClaim]):
             await self.expire(now)
         budget = min(free, self._bucket.available(now))
         if self._auth_failures:
-            budget = min(budget, 1)  # while the key is rejected, probe with one poll at a time
+            # While the key is rejected, probe with one poll at a time: the next one waits for
+            # the answer (the pause it may bring), not for the next turn of this loop.
+            budget = min(budget, 0 if self._requests_in_flight else 1)
         if budget <= 0 or now < self._paused_until or now < self._held_until:
             return []
         if not self._transport.available:
@@ -145,6 +150,8 @@ class Poller(ClaimLoop[TaskClaim]):
         resume = max(self._paused_until, self._held_until)
         if now < resume:
             return resume
+        if self._auth_failures and self._requests_in_flight:
+            return now + PROBE_WAIT_S  # its answer frees a slot, which wakes this loop sooner
         if self._bucket.available(now) <= 0:
             return now + self._bucket.wait_s(now)
         if not self._transport.available:

@@ -266,3 +266,44 @@ async def test_a_crash_after_a_finish_is_written_leaves_the_other_finishes_to_th
     assert ["delivering"] * 3 == [w.state.value for w in states if w is not None]
     errors = poller._metrics.loop_errors.labels("poll")._value.get()
     assert 3 == errors
+
+
+async def test_while_the_key_is_rejected_one_probe_is_out_at_a_time(
+    store: CountingStore,
+) -> None:
+    """After the pause, the loop sends one probe and waits for its answer: not one more at each
+    of its turns until the first 401 comes back."""
+    await _watch(store, 5)
+    transport = HeldTransport()
+    clock = [NOW]
+    poller = Poller(
+        store=store,
+        transport=transport,
+        metrics=Metrics(CollectorRegistry()),
+        policy=PollPolicy.from_settings(Settings()),
+        rps=1000.0,
+        concurrency=8,
+        lease_s=60.0,
+        clock=lambda: clock[0],
+    )
+    stopping = asyncio.Event()
+    runner = asyncio.create_task(poller.run(stopping))
+    try:
+        await _until(lambda: len(transport.polls) == 5)
+        rejected = PollResult(outcome=PollOutcome.AUTH_ERROR, http_status=401, detail="HTTP 401")
+        assert transport._deliver is not None
+        transport._deliver([(key, rejected) for key in list(transport.polls)])
+        transport.polls.clear()
+        await _until(lambda: poller._waiter is not None and not poller.in_flight)  # paused
+
+        clock[0] = NOW + 60  # past the pause and every stream's backoff: all five are due
+        poller.wake()
+        await _until(lambda: len(transport.submitted) == 6)  # the probe
+        await _until(lambda: poller._waiter is not None)  # the loop idles, the probe out
+
+        assert 6 == len(transport.submitted)
+    finally:
+        stopping.set()
+        poller.wake()
+        await poller.cancel_in_flight()
+        await asyncio.wait_for(runner, BOUND_S)
