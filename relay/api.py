@@ -14,6 +14,7 @@ from typing import Any
 
 import orjson
 from aiohttp import hdrs, web
+from aiohttp.http_exceptions import ContentEncodingError, PayloadEncodingError
 from multidict import CIMultiDict
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.aiohttp import make_aiohttp_handler
@@ -140,6 +141,13 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
         raise Problem(
             408, f"the body did not arrive within {BODY_READ_TIMEOUT_S:g} s", kind="body-timeout"
         ) from None
+    except (web.RequestPayloadError, ContentEncodingError, PayloadEncodingError):
+        raise Problem(
+            400, "the body does not decode as its Content-Encoding says", kind="bad-encoding"
+        ) from None
+    except ConnectionResetError:
+        # The client left halfway through its body: not the relay's failure, nothing to log.
+        raise Problem(400, "the connection closed before the body ended", kind="body-cut") from None
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -222,7 +230,8 @@ def api_middleware(tokens: tuple[bytes, ...]) -> Callable[..., Awaitable[web.Str
     """
     # The metric children of each (route, method, code), looked up once: `labels()` is ~2 us
     # a call, two calls a request. Bounded: routes are the canonical ones or "unmatched", and
-    # aiohttp's parser refuses methods it does not know (400) before any middleware.
+    # methods outside HTTP's registered set count as "other" (aiohttp's C parser refuses them
+    # anyway; its pure-Python one, without the compiled extension, lets any token through).
     children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
 
     @web.middleware
@@ -244,13 +253,14 @@ def api_middleware(tokens: tuple[bytes, ...]) -> Callable[..., Awaitable[web.Str
         finally:
             resource = request.match_info.route.resource
             route = resource.canonical if resource is not None else "unmatched"
-            key = (route, request.method, status)
+            method = method_label(request.method)
+            key = (route, method, status)
             bound = children.get(key)
             if bound is None:
                 metrics = request.app[METRICS]
                 bound = children[key] = (
-                    metrics.http_requests.labels(route, request.method, str(status)),
-                    metrics.http_duration.labels(route, request.method),
+                    metrics.http_requests.labels(route, method, str(status)),
+                    metrics.http_duration.labels(route, method),
                 )
             bound[0].inc()
             bound[1].observe(time.perf_counter() - started)
@@ -258,13 +268,62 @@ def api_middleware(tokens: tuple[bytes, ...]) -> Callable[..., Awaitable[web.Str
     return handle
 
 
+# The methods aiohttp's C parser accepts (llhttp's list); anything else is "other" in metrics.
+_KNOWN_METHODS = frozenset(
+    [
+        "DELETE",
+        "GET",
+        "HEAD",
+        "POST",
+        "PUT",
+        "CONNECT",
+        "OPTIONS",
+        "TRACE",
+        "COPY",
+        "LOCK",
+        "MKCOL",
+        "MOVE",
+        "PROPFIND",
+        "PROPPATCH",
+        "SEARCH",
+        "UNLOCK",
+        "BIND",
+        "REBIND",
+        "UNBIND",
+        "ACL",
+        "REPORT",
+        "MKACTIVITY",
+        "CHECKOUT",
+        "MERGE",
+        "M-SEARCH",
+        "NOTIFY",
+        "SUBSCRIBE",
+        "UNSUBSCRIBE",
+        "PATCH",
+        "PURGE",
+        "MKCALENDAR",
+        "LINK",
+        "UNLINK",
+        "SOURCE",
+        "QUERY",
+    ]
+)
+
+
+def method_label(method: str) -> str:
+    """The `method` label of the HTTP metrics: bounded, whatever a client sends."""
+    return method if method in _KNOWN_METHODS else "other"
+
+
 def _require_token(request: web.Request, tokens: tuple[bytes, ...]) -> None:
     header = request.headers.get("Authorization", "")
     scheme, _, presented = header.partition(" ")
     # Compare against every token, whatever matches, so timing says nothing.
     matched = False
+    # surrogateescape: aiohttp keeps a header's undecodable bytes that way; they match nothing.
+    candidate = presented.strip().encode("utf-8", "surrogateescape")
     for token in tokens:
-        matched |= hmac.compare_digest(presented.strip().encode(), token)
+        matched |= hmac.compare_digest(candidate, token)
     if scheme.lower() != "bearer" or not matched:
         raise Problem(
             401,

@@ -61,7 +61,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _serve(settings: Settings) -> int:
     from relay.app import create_app
 
-    app = create_app(settings, on_fatal=lambda: signal.raise_signal(signal.SIGTERM))
+    fatal: list[bool] = []
+
+    def on_fatal() -> None:
+        # A loop died: stop the way SIGTERM does (drain, hand back), then exit non-zero, so a
+        # supervisor that restarts only on failure restarts this relay.
+        fatal.append(True)
+        signal.raise_signal(signal.SIGTERM)
+
+    app = create_app(settings, on_fatal=on_fatal)
     loop_factory = None
     if settings.event_loop == "uvloop":
         import uvloop
@@ -83,7 +91,7 @@ def _serve(settings: Settings) -> int:
         # log line that says why, not a traceback; the orchestrator restarts the relay.
         logs.event(log, "store_unavailable", logging.CRITICAL, detail=str(exc))
         return 1
-    return 0
+    return 1 if fatal else 0
 
 
 async def _migrate(settings: Settings) -> int:

@@ -126,27 +126,27 @@ class Settings:
         take("RELAY_API_TOKENS", "api_tokens", _tokens)
         take("RELAY_SIGNING_SECRET", "signing_keys", _signing_secrets)
         take("RELAY_CALLBACK_ALLOW_NETS", "callback_allow_nets", _networks)
-        take("RELAY_POLL_INITIAL_S", "poll_initial_s", _positive_float)
-        take("RELAY_POLL_MAX_S", "poll_max_s", _positive_float)
+        take("RELAY_POLL_INITIAL_S", "poll_initial_s", _duration)
+        take("RELAY_POLL_MAX_S", "poll_max_s", _duration)
         take("RELAY_POLL_FACTOR", "poll_factor", _float_at_least(1.0))
         take("RELAY_POLL_JITTER", "poll_jitter", _float_between(0.0, 0.9))
-        take("RELAY_RETRY_AFTER_MAX_S", "retry_after_max_s", _positive_float)
-        take("RELAY_ERROR_BACKOFF_MAX_S", "error_backoff_max_s", _positive_float)
+        take("RELAY_RETRY_AFTER_MAX_S", "retry_after_max_s", _duration)
+        take("RELAY_ERROR_BACKOFF_MAX_S", "error_backoff_max_s", _duration)
         take("RELAY_UPSTREAM_RPS", "upstream_rps", _positive_float)
         take("RELAY_UPSTREAM_CONCURRENCY", "upstream_concurrency", _int_between(1, 10_000))
-        take("RELAY_UPSTREAM_TIMEOUT_S", "upstream_timeout_s", _positive_float)
+        take("RELAY_UPSTREAM_TIMEOUT_S", "upstream_timeout_s", _duration)
         take("RELAY_POLL_PROCESSES", "poll_processes", _int_between(0, 64))
-        take("RELAY_WATCH_TIMEOUT_S", "watch_timeout_s", _positive_float)
-        take("RELAY_NOT_FOUND_GRACE_S", "not_found_grace_s", _non_negative_float)
-        take("RELAY_DELIVERY_TIMEOUT_S", "delivery_timeout_s", _positive_float)
-        take("RELAY_DELIVERY_BACKOFF_S", "delivery_backoff_s", _positive_float)
-        take("RELAY_DELIVERY_BACKOFF_MAX_S", "delivery_backoff_max_s", _positive_float)
+        take("RELAY_WATCH_TIMEOUT_S", "watch_timeout_s", _duration)
+        take("RELAY_NOT_FOUND_GRACE_S", "not_found_grace_s", _duration_or_zero)
+        take("RELAY_DELIVERY_TIMEOUT_S", "delivery_timeout_s", _duration)
+        take("RELAY_DELIVERY_BACKOFF_S", "delivery_backoff_s", _duration)
+        take("RELAY_DELIVERY_BACKOFF_MAX_S", "delivery_backoff_max_s", _duration)
         take("RELAY_DELIVERY_MAX_ATTEMPTS", "delivery_max_attempts", _int_between(1, 1000))
         take("RELAY_DELIVERY_CONCURRENCY", "delivery_concurrency", _int_between(1, 10_000))
         take("RELAY_DELIVERY_PER_HOST", "delivery_per_host", _int_between(1, 10_000))
-        take("RELAY_POLL_LEASE_S", "poll_lease_s", _positive_float)
-        take("RELAY_DELIVERY_LEASE_S", "delivery_lease_s", _positive_float)
-        take("RELAY_SHUTDOWN_TIMEOUT_S", "shutdown_timeout_s", _non_negative_float)
+        take("RELAY_POLL_LEASE_S", "poll_lease_s", _duration)
+        take("RELAY_DELIVERY_LEASE_S", "delivery_lease_s", _duration)
+        take("RELAY_SHUTDOWN_TIMEOUT_S", "shutdown_timeout_s", _duration_or_zero)
         take("RELAY_POSTGRES_SCHEMA", "postgres_schema", _identifier)
         take("RELAY_SQLITE_SYNCHRONOUS", "sqlite_synchronous", _one_of("NORMAL", "FULL"))
         take("RELAY_SQLITE_BUSY_TIMEOUT_MS", "sqlite_busy_timeout_ms", _int_between(0, 600_000))
@@ -160,16 +160,18 @@ class Settings:
                 "RELAY_UPSTREAM_API_KEY and RELAY_UPSTREAM_API_KEY_FILE are both set; set one"
             )
         elif key:
-            values["upstream_api_key"] = Secret(key.strip())
+            _take_api_key("RELAY_UPSTREAM_API_KEY", key, values, problems)
         elif key_file:
             try:
-                values["upstream_api_key"] = Secret(Path(key_file).read_text().strip())
+                text = Path(key_file).read_text()
             except OSError as exc:
                 problems.append(
                     f"RELAY_UPSTREAM_API_KEY_FILE: cannot read the file ({exc.strerror})"
                 )
             except UnicodeDecodeError:
                 problems.append("RELAY_UPSTREAM_API_KEY_FILE: the file is not UTF-8 text")
+            else:
+                _take_api_key("RELAY_UPSTREAM_API_KEY_FILE", text, values, problems)
 
         if problems:
             raise ConfigError(problems)
@@ -201,6 +203,17 @@ class Settings:
             )
         if problems:
             raise ConfigError(problems)
+
+
+def _take_api_key(name: str, raw: str, values: dict[str, object], problems: list[str]) -> None:
+    """The key as an HTTP header carries it: one line of printable text. Never echoed."""
+    key = raw.strip()
+    if not key:
+        problems.append(f"{name}: the key is empty")
+    elif any(ord(c) < 0x20 or ord(c) == 0x7F for c in key):
+        problems.append(f"{name}: the key holds a line break or another control character")
+    else:
+        values["upstream_api_key"] = Secret(key)
 
 
 def _int_between(low: int, high: int) -> Callable[[str], int]:
@@ -237,6 +250,25 @@ def _non_negative_float(raw: str) -> float:
     value = _float(raw)
     if value < 0:
         raise ValueError(f"must be 0 or more, got {value}")
+    return value
+
+
+# Longer than any task or retry plan, and short enough that every deadline and due time stays
+# a date the API can print (a timeout of 1e12 s once answered every registration with a 500).
+MAX_DURATION_S = 10 * 365 * 24 * 3600.0
+
+
+def _duration(raw: str) -> float:
+    value = _positive_float(raw)
+    if value > MAX_DURATION_S:
+        raise ValueError(f"must be at most {MAX_DURATION_S:.0f} s (10 years), got {value:g}")
+    return value
+
+
+def _duration_or_zero(raw: str) -> float:
+    value = _non_negative_float(raw)
+    if value > MAX_DURATION_S:
+        raise ValueError(f"must be at most {MAX_DURATION_S:.0f} s (10 years), got {value:g}")
     return value
 
 

@@ -6,6 +6,7 @@ Every callback URL is on loopback; the SSRF cases are only judged at registratio
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ipaddress
 import logging
@@ -22,6 +23,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
+from relay.api import method_label
 from relay.app import create_app
 from relay.config import Secret, sqlite_path
 from relay.delivery import iso_utc
@@ -1259,3 +1261,41 @@ async def test_every_answer_is_counted_by_route_method_and_code(make_relay: Rela
         "relay_http_request_duration_seconds_count", {"route": "/watch", "method": "POST"}
     )
     assert 5 == timed  # every POST /watch above, whatever its code
+
+
+# --- bytes no client should send ------------------------------------------------------------
+
+
+async def test_a_bearer_token_that_is_not_utf8_is_refused_as_unauthorized(
+    make_relay: RelayFactory,
+) -> None:
+    """A raw 0xff in the token: 401 like any wrong token, not a crash."""
+    relay = await make_relay(api_tokens=TOKENS)
+    port = relay.client.server.port
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(
+        b"GET /watches HTTP/1.1\r\nHost: relay\r\nAuthorization: Bearer tok\xff\r\n"
+        b"Connection: close\r\n\r\n"
+    )
+    status_line = await reader.readline()
+    writer.close()
+    await writer.wait_closed()
+    assert b"401" == status_line.split()[1]
+
+
+async def test_a_body_that_does_not_decode_as_its_content_encoding_is_a_400(
+    relay: Relay,
+) -> None:
+    response = await relay.client.post(
+        "/watch",
+        data=b"not gzip at all",
+        headers={"Content-Type": "application/json", "Content-Encoding": "gzip"},
+    )
+    assert (400, "bad-encoding") == (response.status, (await response.json())["type"].split("#")[1])
+    await assert_no_watch(relay)
+
+
+def test_the_method_label_is_bounded_whatever_the_client_sends() -> None:
+    assert ("GET", "PROPFIND", "other", "other") == tuple(
+        method_label(m) for m in ("GET", "PROPFIND", "M00000", "get")
+    )

@@ -500,3 +500,33 @@ def test_settings_built_in_code_are_checked_the_same_way() -> None:
         DELIVERY_LEASE_PROBLEM.format(work=31),
     ]
     assert expected == caught.value.problems
+
+
+def test_a_key_with_a_line_break_or_nothing_in_it_is_a_problem_that_does_not_show_it(
+    tmp_path: Path,
+) -> None:
+    """A key no HTTP header can carry (every poll would fail) is refused at start, unshown."""
+    key_file = tmp_path / "upstream.key"
+    key_file.write_text("first-half\nsecond-half\n")
+    assert [
+        "RELAY_UPSTREAM_API_KEY_FILE: the key holds a line break or another control character"
+    ] == problems({"RELAY_UPSTREAM_API_KEY_FILE": str(key_file)})
+    assert ["RELAY_UPSTREAM_API_KEY: the key holds a line break or another control character"] == (
+        problems({"RELAY_UPSTREAM_API_KEY": "abc\x07def"})
+    )
+    key_file.write_text("  \n")
+    assert ["RELAY_UPSTREAM_API_KEY_FILE: the key is empty"] == problems(
+        {"RELAY_UPSTREAM_API_KEY_FILE": str(key_file)}
+    )
+
+
+@pytest.mark.parametrize(
+    "name", ["RELAY_WATCH_TIMEOUT_S", "RELAY_POLL_MAX_S", "RELAY_SHUTDOWN_TIMEOUT_S"]
+)
+def test_a_duration_past_ten_years_is_a_problem(name: str) -> None:
+    """Every deadline and due time must stay a date the API can print: 1e12 s once made every
+    registration a 500, after its watch was committed."""
+    assert [f"{name}: must be at most 315360000 s (10 years), got 1e+12"] == problems(
+        {name: "1e12"}
+    )
+    assert 315_360_000.0 == getattr(Settings.from_env({name: "315360000"}), name[6:].lower())
