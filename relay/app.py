@@ -41,6 +41,7 @@ from relay.state import (
     POLLER,
     REPLICA_ID,
     SETTINGS,
+    STOP_STARTED,
     STOPPING,
     STORE,
 )
@@ -83,6 +84,7 @@ def create_app(
     app[METRICS] = metrics
     app[CLOCK] = clock
     app[STOPPING] = asyncio.Event()
+    app[STOP_STARTED] = []
     app[LOOP_TASKS] = []
     app[REPLICA_ID] = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
     policy = CallbackPolicy(allow_nets=settings.callback_allow_nets)
@@ -95,10 +97,26 @@ def create_app(
     app.add_routes(api.routes)
     app.router.add_get("/metrics", api.metrics_handler(metrics.registry))
 
+    app.on_shutdown.append(_begin_stop)
     app.cleanup_ctx.append(partial(_store_ctx, store=store))
     app.cleanup_ctx.append(partial(_loops_ctx, policy=policy, rand=rand, run_loops=run_loops,
                                    on_fatal=on_fatal))  # fmt: skip
     return app
+
+
+async def _begin_stop(app: web.Application) -> None:
+    """aiohttp's shutdown began: the loops stop claiming and start their drain now, while aiohttp
+    waits for the open requests, not after it (the two waits one after the other took up to
+    twice RELAY_SHUTDOWN_TIMEOUT_S, past a 30 s grace period with the defaults)."""
+    app[STOP_STARTED].append(time.monotonic())
+    app[STOPPING].set()
+
+
+def drain_budget(timeout_s: float, started: float | None, now: float) -> float:
+    """What is left of RELAY_SHUTDOWN_TIMEOUT_S for the loops' drain."""
+    if started is None:  # stopped without aiohttp's shutdown (a test's cleanup)
+        return timeout_s
+    return max(0.0, timeout_s - (now - started))
 
 
 async def _store_ctx(app: web.Application, *, store: Store | None) -> AsyncIterator[None]:
@@ -211,7 +229,11 @@ async def _loops_ctx(
         yield
     finally:
         stopping.set()
-        await _stop_loops(app[LOOP_TASKS], (poller, deliverer), settings.shutdown_timeout_s)
+        started = app[STOP_STARTED]
+        budget = drain_budget(
+            settings.shutdown_timeout_s, started[0] if started else None, time.monotonic()
+        )
+        await _stop_loops(app[LOOP_TASKS], (poller, deliverer), budget)
         with contextlib.suppress(StoreUnavailable):
             await store.retire(app[REPLICA_ID])
         if workers is not None:

@@ -26,6 +26,9 @@ DELIVERER = web.AppKey("deliverer", Deliverer)
 CALLBACK_CHECK: web.AppKey[CallbackCheck] = web.AppKey("callback_check")
 LOOP_TASKS = web.AppKey("loop_tasks", list[asyncio.Task[None]])
 STOPPING = web.AppKey("stopping", asyncio.Event)
+# time.monotonic() when the shutdown began (aiohttp's on_shutdown): the loops' drain and the
+# open requests share one RELAY_SHUTDOWN_TIMEOUT_S from there.
+STOP_STARTED = web.AppKey("stop_started", list[float])  # empty until then (set before start)
 REPLICA_ID = web.AppKey("replica_id", str)
 
 

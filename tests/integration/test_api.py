@@ -24,12 +24,12 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from relay.api import method_label
-from relay.app import create_app
+from relay.app import create_app, drain_budget
 from relay.config import Secret, sqlite_path
 from relay.delivery import iso_utc
 from relay.errors import PROBLEM_BASE, PROBLEM_CONTENT_TYPE
 from relay.models import WatchState
-from relay.state import SETTINGS
+from relay.state import SETTINGS, STOPPING
 from tests.conftest import T0, Receiver, Relay, RelayFactory, Upstream, make_settings
 
 TASK = "tk-hiapi-api-1"
@@ -1298,4 +1298,30 @@ async def test_a_body_that_does_not_decode_as_its_content_encoding_is_a_400(
 def test_the_method_label_is_bounded_whatever_the_client_sends() -> None:
     assert ("GET", "PROPFIND", "other", "other") == tuple(
         method_label(m) for m in ("GET", "PROPFIND", "M00000", "get")
+    )
+
+
+# --- stopping -------------------------------------------------------------------------------------
+
+
+async def test_the_loops_stop_claiming_when_the_shutdown_begins_not_after_the_requests(
+    make_live_relay: LiveFactory,
+) -> None:
+    """aiohttp's shutdown waits for open requests before its cleanup; the loops' drain starts
+    with that wait and shares its RELAY_SHUTDOWN_TIMEOUT_S, instead of following it."""
+    client = await make_live_relay()
+    app = client.server.app
+    assert app is not None
+    assert not app[STOPPING].is_set()
+
+    await app.shutdown()  # what aiohttp does first on SIGTERM
+
+    assert app[STOPPING].is_set()
+
+
+def test_the_drain_gets_what_is_left_of_the_shutdown_timeout() -> None:
+    assert (20.0, 12.5, 0.0) == (
+        drain_budget(20.0, None, 100.0),
+        drain_budget(20.0, 100.0, 107.5),
+        drain_budget(20.0, 100.0, 130.0),
     )
