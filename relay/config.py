@@ -325,6 +325,9 @@ def _log_level(raw: str) -> str:
 
 def _http_url(raw: str) -> str:
     url = URL(raw)
+    if url.user is not None or url.password is not None:
+        # Checked first: the message below repeats the value, and must not repeat a password.
+        raise ValueError("must not hold credentials (the key goes in RELAY_UPSTREAM_API_KEY)")
     if url.scheme not in ("http", "https") or not url.host:
         raise ValueError(f"must be an absolute http(s) URL, got {raw!r}")
     return raw.rstrip("/")

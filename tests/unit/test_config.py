@@ -530,3 +530,15 @@ def test_a_duration_past_ten_years_is_a_problem(name: str) -> None:
         {name: "1e12"}
     )
     assert 315_360_000.0 == getattr(Settings.from_env({name: "315360000"}), name[6:].lower())
+
+
+@pytest.mark.parametrize(
+    "url", ["http://user:s3cret-pw@127.0.0.1:8081", "ftp://user:s3cret-pw@127.0.0.1"]
+)
+def test_an_upstream_url_with_credentials_is_refused_without_showing_them(url: str) -> None:
+    """They would be logged with the URL at start; the key has its own setting."""
+    found = problems({"RELAY_UPSTREAM_URL": url})
+    assert [
+        "RELAY_UPSTREAM_URL: must not hold credentials (the key goes in RELAY_UPSTREAM_API_KEY)"
+    ] == found
+    assert "s3cret-pw" not in "".join(found)
