@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 import sys
 
 import orjson
 from aiohttp import web
+
+from bench.serving import serve_until_stopped
 
 
 async def watch(request: web.Request) -> web.Response:
@@ -34,17 +35,7 @@ async def serve(port: int) -> None:
     app = web.Application()
     app.router.add_post("/watch", watch)
     app.router.add_get("/_floor/ready", ready)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
-    await runner.setup()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        await stop.wait()
-    finally:
-        await runner.cleanup()
+    await serve_until_stopped(app, port)
 
 
 def main() -> int:

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 import sys
 import time
 
 import orjson
 from aiohttp import web
+
+from bench.serving import serve_until_stopped
 
 
 class Receiver:
@@ -49,17 +50,7 @@ async def serve(port: int) -> None:
     app = web.Application()
     app.router.add_post("/hook", receiver.hook)
     app.router.add_get("/_recv/stats", receiver.stats)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
-    await runner.setup()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        await stop.wait()
-    finally:
-        await runner.cleanup()
+    await serve_until_stopped(app, port)
 
 
 def main() -> int:

@@ -49,6 +49,12 @@ def jittered_within(interval: float, jitter: float, rand: float) -> float:
     return interval * (1.0 - jitter * rand)
 
 
+def backoff(attempt: int, *, initial: float, cap: float, jitter: float, rand: float) -> float:
+    """The exponential delay of `attempt`, jittered, then capped: `cap` is the longest wait,
+    jitter included (at the cap, jitter only shortens)."""
+    return min(cap, jittered(exponential(attempt, initial=initial, cap=cap), jitter, rand))
+
+
 def exponential(attempt: int, *, initial: float, cap: float, base: float = 2.0) -> float:
     """`min(cap, initial * base**(attempt-1))` for attempt >= 1, safe for any attempt count."""
     exponent = min(max(attempt - 1, 0), _MAX_EXPONENT)
@@ -246,15 +252,10 @@ def plan_after_poll(
         )
 
     streak = claim.error_streak + 1
-    # Jittered, then capped: RELAY_ERROR_BACKOFF_MAX_S is the longest wait, jitter included.
-    delay = min(
-        policy.error_backoff_max_s,
-        jittered(
-            exponential(streak, initial=policy.initial_s, cap=policy.error_backoff_max_s),
-            policy.jitter,
-            rand,
-        ),
-    )
+    delay = backoff(
+        streak, initial=policy.initial_s, cap=policy.error_backoff_max_s, jitter=policy.jitter,
+        rand=rand,
+    )  # fmt: skip
     delay = honor_retry_after(delay, result.retry_after, policy.retry_after_max_s)
     detail = f": {result.detail}" if result.detail else ""
     return TaskUpdate(
@@ -316,15 +317,10 @@ def plan_after_delivery(
             next_attempt_at=None,
             last_error=reason,
         )
-    # Jittered, then capped: RELAY_DELIVERY_BACKOFF_MAX_S is the longest delay, jitter included.
-    delay = min(
-        policy.backoff_max_s,
-        jittered(
-            exponential(attempts, initial=policy.backoff_s, cap=policy.backoff_max_s),
-            policy.jitter,
-            rand,
-        ),
-    )
+    delay = backoff(
+        attempts, initial=policy.backoff_s, cap=policy.backoff_max_s, jitter=policy.jitter,
+        rand=rand,
+    )  # fmt: skip
     delay = honor_retry_after(delay, result.retry_after, policy.backoff_max_s)
     return DeliveryRecord(
         watch_id=job.watch_id,
