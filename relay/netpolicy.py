@@ -246,10 +246,17 @@ def make_callback_connector(
     )
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def check_callback_url_syntax(url: str) -> URL:
     """Parse `url` as a callback URL, or raise CallbackUrlRejected saying what is wrong."""
     if len(url) > MAX_URL_LENGTH:
         raise CallbackUrlRejected(f"callbackUrl is longer than {MAX_URL_LENGTH} characters")
+    if _CONTROL.search(url):
+        # URL parsers drop tabs and line breaks silently: what would be called is not what
+        # was sent.
+        raise CallbackUrlRejected("callbackUrl must not contain control characters")
     try:
         parsed = URL(url)
     # yarl's message may quote the URL, credentials and all. IndexError: yarl 1.25 raises it for
@@ -262,6 +269,12 @@ def check_callback_url_syntax(url: str) -> URL:
         raise CallbackUrlRejected("callbackUrl has no host")
     if parsed.raw_user is not None or parsed.raw_password is not None:
         raise CallbackUrlRejected("callbackUrl must not contain credentials")
+    if "#" in url:
+        # Never sent in a request: two URLs that differ only there are one receiver, and would
+        # be two watches with two callbacks.
+        raise CallbackUrlRejected("callbackUrl must not have a #fragment")
+    if parsed.explicit_port == 0:
+        raise CallbackUrlRejected("callbackUrl port must be between 1 and 65535")
     _check_numeric_host(parsed.raw_host)
     return parsed
 

@@ -206,6 +206,11 @@ async def test_allow_nets_do_not_excuse_legacy_numeric_hosts(host: str, address:
             "callbackUrl host '127.0.0.1.' looks numeric but is not a valid IPv4 address",
         ),
         ("http://example.com/" + "a" * 2030, "callbackUrl is longer than 2048 characters"),
+        ("http://example.com/h\r\nX-Evil: 1", "callbackUrl must not contain control characters"),
+        ("http://example.com/h\tx", "callbackUrl must not contain control characters"),
+        ("http://example.com/hook#part", "callbackUrl must not have a #fragment"),
+        ("http://example.com/hook#", "callbackUrl must not have a #fragment"),
+        ("http://example.com:0/hook", "callbackUrl port must be between 1 and 65535"),
     ],
 )
 def test_malformed_urls_are_rejected_with_a_reason(url: str, reason: str) -> None:
