@@ -259,14 +259,14 @@ MAX_DURATION_S = 10 * 365 * 24 * 3600.0
 
 
 def _duration(raw: str) -> float:
-    value = _positive_float(raw)
-    if value > MAX_DURATION_S:
-        raise ValueError(f"must be at most {MAX_DURATION_S:.0f} s (10 years), got {value:g}")
-    return value
+    return _capped_duration(_positive_float(raw))
 
 
 def _duration_or_zero(raw: str) -> float:
-    value = _non_negative_float(raw)
+    return _capped_duration(_non_negative_float(raw))
+
+
+def _capped_duration(value: float) -> float:
     if value > MAX_DURATION_S:
         raise ValueError(f"must be at most {MAX_DURATION_S:.0f} s (10 years), got {value:g}")
     return value

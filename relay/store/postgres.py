@@ -433,26 +433,21 @@ class PostgresStore:
                 return await _get(conn, watch_id)
             if state not in ACTIVE_STATES:
                 raise StoreConflict(f"the watch is already {state.value}")
-            if state is WatchState.WATCHING:
-                # Keep what its stream knew, so the cancelled watch still shows it.
-                await conn.execute(
-                    "UPDATE watches SET state = 'cancelled', next_delivery_at = NULL,"
-                    " updated_at = $2,"
-                    " task_status = COALESCE((SELECT status FROM tasks WHERE task_id = $3),"
-                    " task_status),"
-                    " polls = COALESCE((SELECT polls FROM tasks WHERE task_id = $3), polls)"
-                    " WHERE watch_id = $1",
-                    watch_id,
-                    now,
-                    task_id,
-                )
-            else:  # delivering: it already shows its task's end; a stream now is another's
-                await conn.execute(
-                    "UPDATE watches SET state = 'cancelled', next_delivery_at = NULL,"
-                    " updated_at = $2 WHERE watch_id = $1",
-                    watch_id,
-                    now,
-                )
+            # A watching watch keeps what its stream knew, so the cancelled watch still shows
+            # it; a delivering one already shows its task's end (a stream under that task id
+            # now is another URL's). SET reads the row as it was: `state` is the old state.
+            await conn.execute(
+                "UPDATE watches SET state = 'cancelled', next_delivery_at = NULL, updated_at = $2,"
+                " task_status = CASE WHEN state = 'watching' THEN"
+                " COALESCE((SELECT status FROM tasks WHERE task_id = $3), task_status)"
+                " ELSE task_status END,"
+                " polls = CASE WHEN state = 'watching' THEN"
+                " COALESCE((SELECT polls FROM tasks WHERE task_id = $3), polls) ELSE polls END"
+                " WHERE watch_id = $1",
+                watch_id,
+                now,
+                task_id,
+            )
             await conn.execute(_DROP_UNWATCHED_TASKS, [task_id])
             return await _get(conn, watch_id)
 
@@ -635,27 +630,22 @@ class PostgresStore:
     # --- schedule and gauges ----------------------------------------------------------------------
 
     async def next_poll_due_at(self) -> float | None:
-        async def run(conn: Conn) -> float | None:
-            due: float | None = await conn.fetchval("SELECT min(next_poll_at) FROM tasks")
-            return due
-
-        return await self._run(run)
+        return await self._earliest("SELECT min(next_poll_at) FROM tasks")
 
     async def next_deadline_at(self) -> float | None:
-        async def run(conn: Conn) -> float | None:
-            deadline: float | None = await conn.fetchval(
-                "SELECT min(deadline_at) FROM watches WHERE state = 'watching'"
-            )
-            return deadline
-
-        return await self._run(run)
+        return await self._earliest("SELECT min(deadline_at) FROM watches WHERE state = 'watching'")
 
     async def next_delivery_due_at(self) -> float | None:
+        return await self._earliest(
+            "SELECT min(next_delivery_at) FROM watches WHERE state = 'delivering'"
+        )
+
+    async def _earliest(self, query: str) -> float | None:
+        """The value of a `SELECT min(...)` query."""
+
         async def run(conn: Conn) -> float | None:
-            due: float | None = await conn.fetchval(
-                "SELECT min(next_delivery_at) FROM watches WHERE state = 'delivering'"
-            )
-            return due
+            earliest: float | None = await conn.fetchval(query)
+            return earliest
 
         return await self._run(run)
 

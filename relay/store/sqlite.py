@@ -466,23 +466,19 @@ class SQLiteStore:
                 return True
             if state not in ACTIVE_STATES:
                 raise StoreConflict(f"the watch is already {state.value}")
-            if state is WatchState.WATCHING:
-                # Keep what its stream knew, so the cancelled watch still shows it.
-                conn.execute(
-                    "UPDATE watches SET state = 'cancelled', next_delivery_at = NULL,"
-                    " updated_at = ?,"
-                    " task_status = COALESCE((SELECT status FROM tasks WHERE task_id = ?),"
-                    " task_status),"
-                    " polls = COALESCE((SELECT polls FROM tasks WHERE task_id = ?), polls)"
-                    " WHERE watch_id = ?",
-                    (now, row[1], row[1], watch_id),
-                )
-            else:  # delivering: it already shows its task's end; a stream now is another's
-                conn.execute(
-                    "UPDATE watches SET state = 'cancelled', next_delivery_at = NULL,"
-                    " updated_at = ? WHERE watch_id = ?",
-                    (now, watch_id),
-                )
+            # A watching watch keeps what its stream knew, so the cancelled watch still shows
+            # it; a delivering one already shows its task's end (a stream under that task id
+            # now is another URL's). SET reads the row as it was: `state` is the old state.
+            conn.execute(
+                "UPDATE watches SET state = 'cancelled', next_delivery_at = NULL, updated_at = ?,"
+                " task_status = CASE WHEN state = 'watching' THEN"
+                " COALESCE((SELECT status FROM tasks WHERE task_id = ?), task_status)"
+                " ELSE task_status END,"
+                " polls = CASE WHEN state = 'watching' THEN"
+                " COALESCE((SELECT polls FROM tasks WHERE task_id = ?), polls) ELSE polls END"
+                " WHERE watch_id = ?",
+                (now, row[1], row[1], watch_id),
+            )
             self._drop_unwatched_tasks(conn, [row[1]])
             return True
 
@@ -676,27 +672,24 @@ class SQLiteStore:
     # --- schedule and gauges ----------------------------------------------------------------------
 
     async def next_poll_due_at(self) -> float | None:
-        def run(conn: sqlite3.Connection) -> float | None:
-            row = conn.execute("SELECT MIN(next_poll_at) FROM tasks").fetchone()
-            return None if row is None else row[0]
-
-        return await self._read(run)
+        return await self._earliest("SELECT MIN(next_poll_at) FROM tasks")
 
     async def next_deadline_at(self) -> float | None:
-        def run(conn: sqlite3.Connection) -> float | None:
-            row = conn.execute(
-                "SELECT MIN(deadline_at) FROM watches INDEXED BY watches_watching_deadline"
-                " WHERE state = 'watching'"
-            ).fetchone()
-            return None if row is None else row[0]
-
-        return await self._read(run)
+        return await self._earliest(
+            "SELECT MIN(deadline_at) FROM watches INDEXED BY watches_watching_deadline"
+            " WHERE state = 'watching'"
+        )
 
     async def next_delivery_due_at(self) -> float | None:
+        return await self._earliest(
+            "SELECT MIN(next_delivery_at) FROM watches WHERE state = 'delivering'"
+        )
+
+    async def _earliest(self, query: str) -> float | None:
+        """The value of a `SELECT MIN(...)` query, on the reader connection."""
+
         def run(conn: sqlite3.Connection) -> float | None:
-            row = conn.execute(
-                "SELECT MIN(next_delivery_at) FROM watches WHERE state = 'delivering'"
-            ).fetchone()
+            row = conn.execute(query).fetchone()
             return None if row is None else row[0]
 
         return await self._read(run)
