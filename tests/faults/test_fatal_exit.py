@@ -5,10 +5,11 @@ failed: a supervisor that restarts only on failure (systemd `Restart=on-failure`
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
+
+from tests.processes import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -27,20 +28,13 @@ sys.exit(cli.main(["serve"]))
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def test_a_loop_that_dies_makes_the_relay_exit_with_a_failure(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
     env |= {
         "RELAY_HOST": "127.0.0.1",
-        "RELAY_PORT": str(_free_port()),
+        "RELAY_PORT": str(free_port()),
         "RELAY_STORE_URL": f"sqlite:///{tmp_path / 'relay.db'}",
-        "RELAY_UPSTREAM_URL": f"http://127.0.0.1:{_free_port()}",
+        "RELAY_UPSTREAM_URL": f"http://127.0.0.1:{free_port()}",
         "RELAY_SHUTDOWN_TIMEOUT_S": "2",
     }
     done = subprocess.run(

@@ -118,6 +118,7 @@ def _poller(
     *,
     concurrency: int,
     on_finished: Callable[[], None] = lambda: None,
+    clock: Callable[[], float] = lambda: NOW,
 ) -> Poller:
     return Poller(
         store=store,
@@ -127,7 +128,7 @@ def _poller(
         rps=1000.0,
         concurrency=concurrency,
         lease_s=60.0,
-        clock=lambda: NOW,
+        clock=clock,
         on_finished=on_finished,
     )
 
@@ -276,16 +277,7 @@ async def test_while_the_key_is_rejected_one_probe_is_out_at_a_time(
     await _watch(store, 5)
     transport = HeldTransport()
     clock = [NOW]
-    poller = Poller(
-        store=store,
-        transport=transport,
-        metrics=Metrics(CollectorRegistry()),
-        policy=PollPolicy.from_settings(Settings()),
-        rps=1000.0,
-        concurrency=8,
-        lease_s=60.0,
-        clock=lambda: clock[0],
-    )
+    poller = _poller(store, transport, concurrency=8, clock=lambda: clock[0])
     stopping = asyncio.Event()
     runner = asyncio.create_task(poller.run(stopping))
     try:
