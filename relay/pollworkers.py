@@ -22,7 +22,6 @@ import itertools
 import logging
 import os
 import signal
-import struct
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -32,6 +31,19 @@ import orjson
 
 from relay import logs
 from relay.config import UPSTREAM_ATTEMPTS
+from relay.frames import (
+    HEADER,
+    Drained,
+    FrameDecoder,
+    FrameError,
+    IncomingFrames,
+    Outbox,
+    child_env,
+    encode,
+    frames_on_private_stdout,
+    read_first_frame,
+    settle,
+)
 from relay.metrics import Metrics
 from relay.models import PollOutcome, PollResult
 from relay.upstream import (
@@ -46,8 +58,6 @@ from relay.upstream import (
 
 log = logging.getLogger("relay.pollworkers")
 
-# kind, request id, a small number (the HTTP status of an answer), payload length.
-HEADER = struct.Struct("<BIHI")
 MAX_PAYLOAD = MAX_BODY_BYTES + 64 * 1024
 
 # relay -> child
@@ -61,6 +71,13 @@ FAILURE = 6  # payload: JSON [outcome, detail] of a transport failure
 WANT_TOKEN = 7  # the child wants to retry a dropped connection: it waits for a TOKEN
 READY = 8  # the child accepted its CONFIG and serves FETCH frames from now on
 
+__all__ = ["HEADER", "FrameDecoder", "FrameError", "encode"]  # the codec, from relay.frames
+
+
+def _decoder() -> FrameDecoder:
+    return FrameDecoder(last_kind=READY, max_payload=MAX_PAYLOAD)
+
+
 # Bumped whenever the frames change: a child started from newer or older code on disk (an
 # upgrade in place) refuses a CONFIG of another version instead of misreading frames.
 PROTOCOL_VERSION = 2
@@ -70,67 +87,6 @@ STABLE_AFTER_S = 60.0
 STOP_GRACE_S = 5.0
 WATCH_EVERY_S = 0.25
 START_WAIT_S = 10.0
-# Whatever the relay's own environment holds (the API key, tokens, signing secrets, the store's
-# password) stays out of the children's: they get what Python and TLS need, and nothing named
-# RELAY_*; their settings come over stdin.
-_SECRET_PREFIXES = ("RELAY_",)
-
-
-class FrameError(Exception):
-    """The byte stream is not frames: the other side is broken."""
-
-
-def encode(kind: int, request_id: int, payload: bytes = b"", small: int = 0) -> bytes:
-    return HEADER.pack(kind, request_id, small, len(payload)) + payload
-
-
-class FrameDecoder:
-    """Bytes in as they arrive, whole frames out: (kind, request id, small, payload)."""
-
-    def __init__(self) -> None:
-        self._buffer = bytearray()
-
-    def feed(self, data: bytes) -> list[tuple[int, int, int, bytes]]:
-        buffer = self._buffer
-        buffer += data
-        frames = []
-        position, size, header = 0, len(buffer), HEADER.size
-        while size - position >= header:
-            kind, request_id, small, length = HEADER.unpack_from(buffer, position)
-            if length > MAX_PAYLOAD or not CONFIG <= kind <= READY:
-                raise FrameError(f"frame kind {kind} with {length} bytes")
-            end = position + header + length
-            if end > size:
-                break
-            frames.append((kind, request_id, small, bytes(buffer[position + header : end])))
-            position = end
-        if position:
-            del buffer[:position]
-        return frames
-
-
-class Outbox:
-    """Frames queued within one turn of the event loop leave in one write."""
-
-    def __init__(self, transport: asyncio.WriteTransport) -> None:
-        self._transport = transport
-        self._frames: list[bytes] = []
-        self._loop = asyncio.get_running_loop()
-
-    def send(self, frame: bytes) -> None:
-        if not self._frames:
-            self._loop.call_soon(self._flush)
-        self._frames.append(frame)
-
-    def _flush(self) -> None:
-        data = b"".join(self._frames)
-        self._frames.clear()
-        if not self._transport.is_closing():
-            self._transport.write(data)
-
-    def close(self) -> None:
-        self._flush()
-        self._transport.close()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -164,7 +120,7 @@ class _Pending:
         self, answer: Answer | PollResult, done: list[tuple[Deliver, int, Answer | PollResult]]
     ) -> None:
         if self.ended is not None:
-            _settle(self.ended, None)
+            settle(self.ended, None)
         done.append((self.deliver, self.key, answer))
 
 
@@ -173,7 +129,7 @@ class _Child(asyncio.SubprocessProtocol):
 
     def __init__(self, pool: PollWorkerPool) -> None:
         self._pool = pool
-        self._decoder = FrameDecoder()
+        self._decoder = _decoder()
         self.pending: dict[int, _Pending] = {}
         self.transport: asyncio.SubprocessTransport | None = None
         self.outbox: Outbox | None = None
@@ -203,7 +159,7 @@ class _Child(asyncio.SubprocessProtocol):
         for kind, request_id, small, payload in frames:
             if kind == READY:
                 self.ready = True
-                _settle(self.settled_in, None)
+                settle(self.settled_in, None)
                 continue
             entry = self.pending.get(request_id)
             if entry is None:
@@ -254,10 +210,10 @@ class _Child(asyncio.SubprocessProtocol):
         for entry in self.pending.values():
             entry.end(_WORKER_FAILED, done)
         self.pending.clear()
-        _settle(self.settled_in, None)  # nobody waits for a READY that cannot come
+        settle(self.settled_in, None)  # nobody waits for a READY that cannot come
         if self.transport is not None:
             self.transport.close()  # the process is gone; this releases the transport itself
-        _settle(self.ended, None)
+        settle(self.ended, None)
         self._pool.ended(self)
         deliver_grouped(done)  # last: the pool's bookkeeping must not depend on the callback
 
@@ -287,15 +243,6 @@ _NO_WORKER = PollResult(outcome=PollOutcome.NETWORK_ERROR, detail="no poll worke
 
 def _load(child: _Child) -> int:
     return len(child.pending)
-
-
-def _settle(future: asyncio.Future[Any], value: Any) -> None:
-    if not future.done():
-        future.set_result(value)
-
-
-def _child_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith(_SECRET_PREFIXES)}
 
 
 class PollWorkerPool:
@@ -346,7 +293,7 @@ class PollWorkerPool:
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=None,  # the child logs to the relay's stderr
-            env=_child_env(),
+            env=child_env(),
         )
         child.started_at = child.last_heard = loop.time()
         child.send(encode(CONFIG, 0, orjson.dumps(self._config)))
@@ -386,7 +333,7 @@ class PollWorkerPool:
         future: asyncio.Future[Answer | PollResult] = asyncio.get_running_loop().create_future()
 
         def deliver(answers: list[tuple[int, Answer | PollResult]]) -> None:
-            _settle(future, answers[0][1])
+            settle(future, answers[0][1])
 
         self.submit([(0, task_id)], before_retry=before_retry, deliver=deliver)
         try:
@@ -405,7 +352,7 @@ class PollWorkerPool:
             for request_id in dropped:
                 entry = child.pending.pop(request_id)
                 if entry.ended is not None:
-                    _settle(entry.ended, None)
+                    settle(entry.ended, None)
 
     def grant(self, child: _Child, request_id: int, before_retry: RetryGate | None) -> None:
         """Let a child's retry go once the budget has a token for it."""
@@ -541,11 +488,8 @@ def run_worker() -> int:
     # to the whole process group must not cut their polls short first.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    # Frames go out on a private copy of fd 1; fd 1 itself now points at stderr, so a stray
-    # print() anywhere in the child cannot corrupt the frame stream.
-    frames_out = os.dup(1)
-    os.dup2(2, 1)
-    kind, _, _, payload = _read_first_frame(sys.stdin.fileno())
+    frames_out = frames_on_private_stdout()
+    kind, _, _, payload = read_first_frame(sys.stdin.fileno(), "poll-worker")
     fields = orjson.loads(payload) if kind == CONFIG else {}
     if fields.get("protocol") != PROTOCOL_VERSION:
         print(
@@ -573,53 +517,7 @@ def run_worker() -> int:
     return 0
 
 
-def _read_first_frame(fd: int) -> tuple[int, int, int, bytes]:
-    # os.read, not sys.stdin: a buffered reader would swallow frames meant for the event loop.
-    def read_exactly(count: int) -> bytes:
-        chunks = []
-        while count:
-            chunk = os.read(fd, count)
-            if not chunk:
-                raise SystemExit("poll-worker: stdin closed before the configuration")
-            chunks.append(chunk)
-            count -= len(chunk)
-        return b"".join(chunks)
-
-    kind, request_id, small, length = HEADER.unpack(read_exactly(HEADER.size))
-    return kind, request_id, small, read_exactly(length)
-
-
-class _Requests(asyncio.Protocol):
-    """The child's stdin: FETCH and TOKEN frames from the relay."""
-
-    def __init__(self, on_frame: Callable[[int, int, bytes], None]) -> None:
-        self._decoder = FrameDecoder()
-        self._on_frame = on_frame
-        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-    def data_received(self, data: bytes) -> None:
-        for kind, request_id, _, payload in self._decoder.feed(data):
-            self._on_frame(kind, request_id, payload)
-
-    def eof_received(self) -> bool | None:
-        _settle(self.closed, None)
-        return None
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        _settle(self.closed, None)
-
-
 _STOPPING = "the relay is stopping: no more retries"
-
-
-class _Drained(asyncio.Protocol):
-    """The frames pipe's protocol: `closed` resolves once everything written has left."""
-
-    def __init__(self) -> None:
-        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        _settle(self.closed, None)
 
 
 async def _serve(config: WorkerConfig, frames_out: int) -> None:
@@ -632,7 +530,7 @@ async def _serve(config: WorkerConfig, frames_out: int) -> None:
         timeout_s=config.timeout_s,
         attempts=config.attempts,
     )
-    stdout, drained = await loop.connect_write_pipe(_Drained, os.fdopen(frames_out, "wb"))
+    stdout, drained = await loop.connect_write_pipe(Drained, os.fdopen(frames_out, "wb"))
     outbox = Outbox(stdout)
     outbox.send(encode(READY, 0))
     tokens: dict[int, asyncio.Future[None]] = {}
@@ -671,9 +569,11 @@ async def _serve(config: WorkerConfig, frames_out: int) -> None:
         elif kind == TOKEN:
             paid = tokens.pop(request_id, None)
             if paid is not None:
-                _settle(paid, None)
+                settle(paid, None)
 
-    _, requests = await loop.connect_read_pipe(lambda: _Requests(on_frame), sys.stdin.buffer)
+    _, requests = await loop.connect_read_pipe(
+        lambda: IncomingFrames(on_frame, _decoder()), sys.stdin.buffer
+    )
     await requests.closed
     # No token will come any more: a retry waiting for one ends now, as a network error.
     for paid in tokens.values():

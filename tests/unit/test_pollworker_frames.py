@@ -15,6 +15,7 @@ from relay.pollworkers import (
     FETCH,
     HEADER,
     MAX_PAYLOAD,
+    READY,
     WANT_TOKEN,
     FrameDecoder,
     FrameError,
@@ -40,7 +41,7 @@ def test_frames_survive_any_split_of_the_byte_stream(
         encode(kind, rid, payload, small=small) for kind, rid, small, payload in frames
     )
     bounds = sorted({0, len(stream), *(c % (len(stream) + 1) for c in cuts)})
-    decoder = FrameDecoder()
+    decoder = FrameDecoder(last_kind=READY, max_payload=MAX_PAYLOAD)
     out = []
     for start, end in itertools.pairwise(bounds):
         out += decoder.feed(stream[start:end])
@@ -49,16 +50,18 @@ def test_frames_survive_any_split_of_the_byte_stream(
 
 def test_a_frame_bigger_than_any_answer_is_refused_before_its_bytes_arrive() -> None:
     with pytest.raises(FrameError):
-        FrameDecoder().feed(HEADER.pack(ANSWER, 1, 200, MAX_PAYLOAD + 1))
+        FrameDecoder(last_kind=READY, max_payload=MAX_PAYLOAD).feed(
+            HEADER.pack(ANSWER, 1, 200, MAX_PAYLOAD + 1)
+        )
 
 
 def test_an_unknown_kind_is_refused() -> None:
     with pytest.raises(FrameError):
-        FrameDecoder().feed(encode(99, 1, b"x"))
+        FrameDecoder(last_kind=READY, max_payload=MAX_PAYLOAD).feed(encode(99, 1, b"x"))
 
 
 def test_a_frame_is_held_until_its_last_byte() -> None:
     frame = encode(FETCH, 7, b"tk-hiapi-1")
-    decoder = FrameDecoder()
+    decoder = FrameDecoder(last_kind=READY, max_payload=MAX_PAYLOAD)
     assert decoder.feed(frame[:-1]) == []
     assert decoder.feed(frame[-1:]) == [(FETCH, 7, 0, b"tk-hiapi-1")]

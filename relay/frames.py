@@ -1,0 +1,146 @@
+"""Frames on a pipe between the relay and its child processes (poll workers, API processes).
+
+A frame is a fixed header (kind, request id, a small number, payload length) and a payload.
+Each protocol numbers its own kinds from 1 and tells the decoder its last one: a kind beyond it,
+or a payload over the bound, means the other side is not speaking this protocol.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import struct
+from collections.abc import Callable
+from typing import Any
+
+# kind, request id, a small number (an HTTP status, say), payload length.
+HEADER = struct.Struct("<BIHI")
+
+# Whatever the relay's own environment holds (the API key, tokens, signing secrets, the store's
+# password) stays out of its children's: they get what Python and TLS need, and nothing named
+# RELAY_*; their settings come over stdin.
+_SECRET_PREFIXES = ("RELAY_",)
+
+
+class FrameError(Exception):
+    """The byte stream is not frames: the other side is broken."""
+
+
+def encode(kind: int, request_id: int, payload: bytes = b"", small: int = 0) -> bytes:
+    return HEADER.pack(kind, request_id, small, len(payload)) + payload
+
+
+class FrameDecoder:
+    """Bytes in as they arrive, whole frames out: (kind, request id, small, payload)."""
+
+    def __init__(self, *, last_kind: int, max_payload: int) -> None:
+        self._buffer = bytearray()
+        self._last_kind = last_kind
+        self._max_payload = max_payload
+
+    def feed(self, data: bytes) -> list[tuple[int, int, int, bytes]]:
+        buffer = self._buffer
+        buffer += data
+        frames = []
+        position, size, header = 0, len(buffer), HEADER.size
+        while size - position >= header:
+            kind, request_id, small, length = HEADER.unpack_from(buffer, position)
+            if length > self._max_payload or not 1 <= kind <= self._last_kind:
+                raise FrameError(f"frame kind {kind} with {length} bytes")
+            end = position + header + length
+            if end > size:
+                break
+            frames.append((kind, request_id, small, bytes(buffer[position + header : end])))
+            position = end
+        if position:
+            del buffer[:position]
+        return frames
+
+
+class Outbox:
+    """Frames queued within one turn of the event loop leave in one write."""
+
+    def __init__(self, transport: asyncio.WriteTransport) -> None:
+        self._transport = transport
+        self._frames: list[bytes] = []
+        self._loop = asyncio.get_running_loop()
+
+    def send(self, frame: bytes) -> None:
+        if not self._frames:
+            self._loop.call_soon(self._flush)
+        self._frames.append(frame)
+
+    def _flush(self) -> None:
+        data = b"".join(self._frames)
+        self._frames.clear()
+        if not self._transport.is_closing():
+            self._transport.write(data)
+
+    def close(self) -> None:
+        self._flush()
+        self._transport.close()
+
+
+def settle(future: asyncio.Future[Any], value: Any) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def child_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith(_SECRET_PREFIXES)}
+
+
+def read_first_frame(fd: int, who: str) -> tuple[int, int, int, bytes]:
+    """The CONFIG frame, read before the event loop starts."""
+
+    # os.read, not sys.stdin: a buffered reader would swallow frames meant for the event loop.
+    def read_exactly(count: int) -> bytes:
+        chunks = []
+        while count:
+            chunk = os.read(fd, count)
+            if not chunk:
+                raise SystemExit(f"{who}: stdin closed before the configuration")
+            chunks.append(chunk)
+            count -= len(chunk)
+        return b"".join(chunks)
+
+    kind, request_id, small, length = HEADER.unpack(read_exactly(HEADER.size))
+    return kind, request_id, small, read_exactly(length)
+
+
+class IncomingFrames(asyncio.Protocol):
+    """A child's stdin: frames from the relay, handed to `on_frame`; `closed` resolves at EOF."""
+
+    def __init__(self, on_frame: Callable[[int, int, bytes], None], decoder: FrameDecoder) -> None:
+        self._decoder = decoder
+        self._on_frame = on_frame
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def data_received(self, data: bytes) -> None:
+        for kind, request_id, _, payload in self._decoder.feed(data):
+            self._on_frame(kind, request_id, payload)
+
+    def eof_received(self) -> bool | None:
+        settle(self.closed, None)
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        settle(self.closed, None)
+
+
+class Drained(asyncio.Protocol):
+    """The frames pipe's protocol: `closed` resolves once everything written has left."""
+
+    def __init__(self) -> None:
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        settle(self.closed, None)
+
+
+def frames_on_private_stdout() -> int:
+    """Frames go out on a private copy of fd 1; fd 1 itself then points at stderr, so a stray
+    print() anywhere in the child cannot corrupt the frame stream."""
+    frames_out = os.dup(1)
+    os.dup2(2, 1)
+    return frames_out
