@@ -127,6 +127,28 @@ def _best_polls_ratio(results: dict[str, Any]) -> float | None:
     return max(measured) if measured else None
 
 
+def _best_registration(results: dict[str, Any]) -> str:
+    """The configuration (in-process, or with API processes) that registered the most per s;
+    its latency answers the p99 target with its rate."""
+    rates = {
+        name: _get(results, name, "watches_per_s")
+        for name in ("registration", "registration-processes")
+    }
+    measured = {k: v for k, v in rates.items() if isinstance(v, int | float) and not math.isnan(v)}
+    return max(measured, key=measured.__getitem__) if measured else "registration"
+
+
+def _durability_gap(results: dict[str, Any]) -> tuple[int, int, int] | None:
+    """(rows - 201s, rows, 201s) of the worse measured registration configuration."""
+    gaps = []
+    for name in ("registration", "registration-processes"):
+        created = _get(results, name, "created_201")
+        rows = _get(results, name, "rows_in_store")
+        if created is not None and rows is not None:
+            gaps.append((rows - created, rows, created))
+    return min(gaps) if gaps else None
+
+
 def targets(results: dict[str, Any]) -> list[Target]:
     """Issue 5's targets, each with the figure of this run that answers it."""
     million = _size(results, 1_000_000) or {}
@@ -134,8 +156,8 @@ def targets(results: dict[str, Any]) -> list[Target]:
     interval_ms = 1000 * (_get(results, "notify", "poll_interval_s") or math.nan)
     received = _get(results, "notify", "received")
     every_callback = received is not None and received == _get(results, "notify", "expected")
-    created = _get(results, "registration", "created_201")
-    rows = _get(results, "registration", "rows_in_store")
+    best = _best_registration(results)
+    gap = _durability_gap(results)
     return [
         _target("memory_per_watch_1m", "1M active watches: < 1 KiB RSS per watch",
                 million.get("rss_bytes_per_watch"), lambda v: f"{v:,.0f} B/watch",
@@ -144,14 +166,15 @@ def targets(results: dict[str, Any]) -> list[Target]:
                 _best_polls_ratio(results), lambda v: f"{100 * v:.0f}%",
                 lambda v: v >= 0.70),
         _target("registrations_per_s", "registrations >= 5,000/s",
-                _get(results, "registration", "watches_per_s"), lambda v: f"{v:,.0f}/s",
+                _get(results, best, "watches_per_s"), lambda v: f"{v:,.0f}/s ({best})",
                 lambda v: v >= 5000),
         _target("registration_p99", "registration p99 < 50 ms",
-                _get(results, "registration", "latency_ms", "p99"), lambda v: f"{v:.1f} ms",
+                _get(results, best, "latency_ms", "p99"), lambda v: f"{v:.1f} ms ({best})",
                 lambda v: v < 50),
         _target("registration_durable", "every 201 is a committed row",
-                None if created is None or rows is None else rows - created,
-                lambda v: f"{rows:,} rows / {created:,} 201s", lambda v: v >= 0),
+                None if gap is None else gap[0],
+                lambda v: "-" if gap is None else f"{gap[1]:,} rows / {gap[2]:,} 201s",
+                lambda v: v >= 0),
         _target("notify_p99", f"notification p99 <= interval + 100 ms ({interval_ms + 100:,.0f} ms)",
                 _get(results, "notify", "latency_ms", "p99"), lambda v: f"{v:,.0f} ms",
                 lambda v: every_callback and v <= interval_ms + 100),
@@ -232,7 +255,9 @@ def _ceiling_rows(c: dict[str, Any], add: Add) -> None:
 
 
 def _registration_rows(r: dict[str, Any], add: Add) -> None:
-    add("registration", "POST /watch per s (c=64)", f"{r['watches_per_s']:,.0f}/s",
+    processes = r.get("api_processes")
+    add("registration" if processes is None else f"registration, {processes} API processes",
+        "POST /watch per s (c=64)", f"{r['watches_per_s']:,.0f}/s",
         "registrations_per_s")  # fmt: skip
     add("", "latency p50 / p99", _ms(r["latency_ms"], "p50", "p99"), "registration_p99")
     add("", "201s durable in the file", f"{r['rows_in_store']:,} rows", "registration_durable")
@@ -319,6 +344,7 @@ def _replicas_rows(r: dict[str, Any], add: Add) -> None:
 _ROWS: dict[str, Callable[[dict[str, Any], Add], None]] = {
     "ceiling": _ceiling_rows,
     "registration": _registration_rows,
+    "registration-processes": _registration_rows,
     "polls": _polls_rows,
     "polls-workers": _polls_rows,
     "notify": _notify_rows,

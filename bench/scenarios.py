@@ -283,12 +283,29 @@ async def _bare_client(b: Bench, name: str) -> tuple[dict[str, Any], dict[str, f
 
 async def registration(b: Bench) -> dict[str, Any]:
     """64 concurrent POST /watch (never-ending tasks, polling pushed an hour out) for N seconds."""
+    return await _registration(b, "registration", {}, with_floor=True)
+
+
+async def registration_processes(b: Bench) -> dict[str, Any]:
+    """The same with the HTTP API also in one API process per core (RELAY_API_PROCESSES).
+    No floor of its own: the registration scenario's, measured just before, serves for both."""
+    processes = os.cpu_count() or 1
+    result = await _registration(
+        b, "registration-processes", {"RELAY_API_PROCESSES": str(processes)}, with_floor=False
+    )
+    result["api_processes"] = processes
+    return result
+
+
+async def _registration(
+    b: Bench, name: str, extra_settings: dict[str, str], *, with_floor: bool
+) -> dict[str, Any]:
     plan = b.plan
-    settings = {"RELAY_POLL_INITIAL_S": "3600", "RELAY_POLL_MAX_S": "3600"}
+    settings = {"RELAY_POLL_INITIAL_S": "3600", "RELAY_POLL_MAX_S": "3600", **extra_settings}
     async with AsyncExitStack() as stack:
-        relay, _ = await b.relay(stack, "registration", settings)
+        relay, _ = await b.relay(stack, name, settings)
         meter = CpuMeter({"relay": relay, "upstream": await b.fake_upstream()})
-        profile = await b.profile(relay, "registration", plan.registration_s)
+        profile = await b.profile(relay, name, plan.registration_s)
         result = await b.load(
             "registration-client", "watch", f"{relay.url}/watch",
             "--ids", f"tk-hiapi-slow-reg-{b.tag}-", "--callback", UNUSED_CALLBACK,
@@ -299,14 +316,14 @@ async def registration(b: Bench) -> dict[str, Any]:
         after = await b.scrape(relay)
     relay_cpu = cpu["relay_cores"] * cpu["seconds"]
     # Durability check: every 201 is a row in the file after the relay stopped.
-    rows = await asyncio.to_thread(_count_rows, b.workdir / "registration.db")
+    rows = await asyncio.to_thread(_count_rows, b.workdir / f"{name}.db")
     # Measured right after the relay's window, as the polls' ceiling is: this VM's speed drifts.
-    floor = await _registration_floor(b)
+    floor = await _registration_floor(b) if with_floor else None
     return {
         "watches_per_s": result["rate_per_s"],
         "floor": floor,
         "ratio_to_floor": result["rate_per_s"] / floor["requests_per_s"]
-        if floor["requests_per_s"]
+        if floor is not None and floor["requests_per_s"]
         else None,
         "latency_ms": result["latency_ms"],
         "created_201": result["statuses"].get("201", 0),
@@ -755,6 +772,7 @@ async def _drop_schema(dsn: str, schema: str) -> None:
 SCENARIOS: dict[str, Callable[[Bench], Awaitable[dict[str, Any]]]] = {
     "ceiling": ceiling,
     "registration": registration,
+    "registration-processes": registration_processes,
     "polls": polls,
     "polls-workers": polls_workers,
     "notify": notify,

@@ -16,25 +16,16 @@ import orjson
 from aiohttp import hdrs, web
 from aiohttp.http_exceptions import ContentEncodingError, PayloadEncodingError
 from multidict import CIMultiDict
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry
 from prometheus_client.aiohttp import make_aiohttp_handler
 from prometheus_client.exposition import choose_encoder
+from yarl import URL
 
-from relay import logs
 from relay.delivery import iso_utc
 from relay.errors import Problem, invalid_field
 from relay.models import TASK_ID_PREFIX, NewWatch, Watch, WatchState
-from relay.netpolicy import CallbackUrlRejected
-from relay.state import (
-    CALLBACK_CHECK,
-    CLOCK,
-    DELIVERER,
-    METRICS,
-    POLLER,
-    SETTINGS,
-    STORE,
-    loops_alive,
-)
+from relay.netpolicy import CallbackPolicy, CallbackUrlRejected, check_callback_url
+from relay.state import CALLBACK_CHECK, SERVICE
 from relay.store.base import StoreConflict, StoreUnavailable
 
 log = logging.getLogger("relay.api")
@@ -228,11 +219,6 @@ def api_middleware(tokens: tuple[bytes, ...]) -> Callable[..., Awaitable[web.Str
 
     One middleware, not three: aiohttp wraps each one in its own coroutine per request.
     """
-    # The metric children of each (route, method, code), looked up once: `labels()` is ~2 us
-    # a call, two calls a request. Bounded: routes are the canonical ones or "unmatched", and
-    # methods outside HTTP's registered set count as "other" (aiohttp's C parser refuses them
-    # anyway; its pure-Python one, without the compiled extension, lets any token through).
-    children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
 
     @web.middleware
     async def handle(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -252,18 +238,12 @@ def api_middleware(tokens: tuple[bytes, ...]) -> Callable[..., Awaitable[web.Str
             raise
         finally:
             resource = request.match_info.route.resource
-            route = resource.canonical if resource is not None else "unmatched"
-            method = method_label(request.method)
-            key = (route, method, status)
-            bound = children.get(key)
-            if bound is None:
-                metrics = request.app[METRICS]
-                bound = children[key] = (
-                    metrics.http_requests.labels(route, method, str(status)),
-                    metrics.http_duration.labels(route, method),
-                )
-            bound[0].inc()
-            bound[1].observe(time.perf_counter() - started)
+            request.app[SERVICE].record_http(
+                resource.canonical if resource is not None else "unmatched",
+                method_label(request.method),
+                status,
+                time.perf_counter() - started,
+            )
 
     return handle
 
@@ -339,8 +319,7 @@ def _problem_for(request: web.Request, exc: Exception) -> web.StreamResponse:
     if isinstance(exc, Problem):
         return exc.response(instance=request.path)
     if isinstance(exc, StoreUnavailable):
-        request.app[METRICS].store_errors.inc()
-        logs.event(log, "store_unavailable", logging.ERROR, path=request.path, detail=str(exc))
+        request.app[SERVICE].store_failed(request.path, str(exc))
         return store_unavailable(exc).response(instance=request.path)
     if isinstance(exc, web.HTTPRequestEntityTooLarge):
         return _too_large().response(instance=request.path)
@@ -364,29 +343,17 @@ def _problem_for(request: web.Request, exc: Exception) -> web.StreamResponse:
 
 @routes.post("/watch")
 async def create_watch(request: web.Request) -> web.Response:
-    app = request.app
     body = await read_json_object(request)
     new = await validate_watch(request, body)
-    now = app[CLOCK]()
-    watch, created = await app[STORE].register(
-        new,
-        watch_id=new_watch_id(now),
-        now=now,
-        deadline_at=now + app[SETTINGS].watch_timeout_s,
-    )
+    watch, created = await request.app[SERVICE].register(new)
     location = {"Location": f"/watch/{watch.watch_id}"}
-    if not created:
-        return json_response(watch_json(watch), status=200, headers=location)
-    app[METRICS].watches_registered.inc()
-    app[POLLER].wake()
-    logs.event(log, "watch_registered", watch_id=watch.watch_id, task_id=watch.task_id)
-    return json_response(watch_json(watch), status=201, headers=location)
+    return json_response(watch_json(watch), status=201 if created else 200, headers=location)
 
 
 @routes.get("/watch/{watch_id}")
 async def get_watch(request: web.Request) -> web.Response:
     watch_id = watch_id_of(request)
-    watch = await request.app[STORE].get_watch(watch_id)
+    watch = await request.app[SERVICE].get(watch_id)
     if watch is None:
         raise _unknown_watch(watch_id)
     return json_response(watch_json(watch))
@@ -395,32 +362,24 @@ async def get_watch(request: web.Request) -> web.Response:
 @routes.delete("/watch/{watch_id}")
 async def cancel_watch(request: web.Request) -> web.Response:
     watch_id = watch_id_of(request)
-    app = request.app
-    before = await app[STORE].get_watch(watch_id)
     try:
-        watch = await app[STORE].cancel_watch(watch_id, now=app[CLOCK]())
+        watch = await request.app[SERVICE].cancel(watch_id)
     except StoreConflict as exc:
         raise Problem(409, f"cannot cancel: {exc}", kind="conflict") from None
     if watch is None:
         raise _unknown_watch(watch_id)
-    if before is not None and before.state is not WatchState.CANCELLED:
-        app[METRICS].watches_finished.labels("cancelled").inc()
-        logs.event(log, "watch_cancelled", watch_id=watch_id, task_id=watch.task_id)
     return web.Response(status=204)
 
 
 @routes.post("/watch/{watch_id}/redeliver")
 async def redeliver(request: web.Request) -> web.Response:
     watch_id = watch_id_of(request)
-    app = request.app
     try:
-        watch = await app[STORE].redeliver(watch_id, now=app[CLOCK]())
+        watch = await request.app[SERVICE].redeliver(watch_id)
     except StoreConflict as exc:
         raise Problem(409, f"cannot redeliver: {exc}", kind="conflict") from None
     if watch is None:
         raise _unknown_watch(watch_id)
-    app[DELIVERER].wake()
-    logs.event(log, "redelivery_queued", watch_id=watch_id, task_id=watch.task_id)
     return json_response(watch_json(watch), status=202)
 
 
@@ -447,7 +406,7 @@ async def list_watches(request: web.Request) -> web.Response:
     cursor = query.get("cursor")
     if cursor is not None and not _WATCH_ID_RE.fullmatch(cursor):
         raise invalid_field("cursor", "is not a cursor this API returned")
-    watches = await request.app[STORE].list_watches(
+    watches = await request.app[SERVICE].list_watches(
         state=state, task_id=task_id, limit=limit + 1, after=cursor
     )
     page = watches[:limit]
@@ -462,14 +421,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 @routes.get("/readyz")
 async def readyz(request: web.Request) -> web.Response:
-    app = request.app
-    checks = {"store": "ok", "loops": "ok"}
-    try:
-        await app[STORE].ping()
-    except StoreUnavailable:
-        checks["store"] = "unavailable"
-    if not loops_alive(app):
-        checks["loops"] = "stopped"
+    checks = await request.app[SERVICE].readiness()
     ready = all(v == "ok" for v in checks.values())
     return json_response(
         {"status": "ready" if ready else "not ready", "checks": checks},
@@ -493,6 +445,29 @@ def metrics_handler(registry: CollectorRegistry) -> Handler:
         return await inner(request)
 
     return metrics
+
+
+async def metrics_from_service(request: web.Request) -> web.Response:
+    """/metrics in an API process: the relay process renders the page (it holds the metrics)."""
+    accept = ",".join(request.headers.getall(hdrs.ACCEPT, []))
+    body, content_type = await request.app[SERVICE].metrics_page(accept)
+    return web.Response(body=body, headers={hdrs.CONTENT_TYPE: content_type})
+
+
+def api_application(
+    *, tokens: tuple[bytes, ...], policy: CallbackPolicy, metrics_route: Handler
+) -> web.Application:
+    """The HTTP API, its middleware and routes: the relay's app, and each API process's.
+    The caller sets app[SERVICE] before it serves."""
+    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[api_middleware(tokens)])
+
+    async def check_callback(url: str) -> URL:
+        return await check_callback_url(url, policy)
+
+    app[CALLBACK_CHECK] = check_callback
+    app.add_routes(routes)
+    app.router.add_get("/metrics", metrics_route)
+    return app
 
 
 @routes.get("/openapi.json")

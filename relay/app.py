@@ -21,29 +21,31 @@ from functools import partial
 import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry
-from yarl import URL
 
 from relay import __version__, api, logs
+from relay.apiprocs import ApiConfig, ApiProcessPool
 from relay.config import LEASE_MARGIN_S, UPSTREAM_ATTEMPTS, Settings
 from relay.delivery import CallbackSender, Deliverer
 from relay.metrics import Metrics
 from relay.models import ACTIVE_STATES, WatchState
-from relay.netpolicy import CallbackPolicy, check_callback_url, make_callback_connector
+from relay.netpolicy import CallbackPolicy, make_callback_connector
 from relay.policy import DeliveryPolicy, PollPolicy
 from relay.poller import Poller
 from relay.pollworkers import PollWorkerPool, WorkerConfig
+from relay.service import LocalService
 from relay.state import (
-    CALLBACK_CHECK,
     CLOCK,
     DELIVERER,
     LOOP_TASKS,
     METRICS,
     POLLER,
     REPLICA_ID,
+    SERVICE,
     SETTINGS,
     STOP_STARTED,
     STOPPING,
     STORE,
+    loops_alive,
 )
 from relay.store import Store, StoreUnavailable, open_store
 from relay.upstream import InProcessPolls, PollTransport, UpstreamClient, make_upstream_session
@@ -59,6 +61,7 @@ HEARTBEAT_STALE_S = 15.0
 JOIN_HOLD_S = HEARTBEAT_S + 1.0
 
 Resolve = Callable[[str, int], Awaitable[list[str]]]
+API_POOL = web.AppKey("api_pool", ApiProcessPool)
 
 
 def create_app(
@@ -75,11 +78,11 @@ def create_app(
     drive `app[POLLER].tick(now)` and `app[DELIVERER].tick(now)` by hand."""
     settings.check()
     tokens = tuple(t.value.encode() for t in settings.api_tokens)
-    app = web.Application(
-        client_max_size=api.MAX_BODY_BYTES,
-        middlewares=[api.api_middleware(tokens)],
-    )
     metrics = Metrics(registry)
+    policy = CallbackPolicy(allow_nets=settings.callback_allow_nets)
+    app = api.api_application(
+        tokens=tokens, policy=policy, metrics_route=api.metrics_handler(metrics.registry)
+    )
     app[SETTINGS] = settings
     app[METRICS] = metrics
     app[CLOCK] = clock
@@ -87,20 +90,14 @@ def create_app(
     app[STOP_STARTED] = []
     app[LOOP_TASKS] = []
     app[REPLICA_ID] = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
-    policy = CallbackPolicy(allow_nets=settings.callback_allow_nets)
-
-    async def check_callback(url: str) -> URL:
-        return await check_callback_url(url, policy)
-
-    app[CALLBACK_CHECK] = check_callback
-
-    app.add_routes(api.routes)
-    app.router.add_get("/metrics", api.metrics_handler(metrics.registry))
 
     app.on_shutdown.append(_begin_stop)
     app.cleanup_ctx.append(partial(_store_ctx, store=store))
     app.cleanup_ctx.append(partial(_loops_ctx, policy=policy, rand=rand, run_loops=run_loops,
                                    on_fatal=on_fatal))  # fmt: skip
+    if settings.api_processes:
+        # Last: they stop first, while the store and the loops still answer their calls.
+        app.cleanup_ctx.append(_api_processes_ctx)
     return app
 
 
@@ -110,6 +107,35 @@ async def _begin_stop(app: web.Application) -> None:
     twice RELAY_SHUTDOWN_TIMEOUT_S, past a 30 s grace period with the defaults)."""
     app[STOP_STARTED].append(time.monotonic())
     app[STOPPING].set()
+    pool = app.get(API_POOL)
+    if pool is not None:
+        pool.stop_accepting()
+
+
+async def _api_processes_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    service = app[SERVICE]
+    assert isinstance(service, LocalService)
+    pool = ApiProcessPool(
+        ApiConfig(
+            host=settings.host,
+            port=settings.port,
+            api_tokens=tuple(t.value for t in settings.api_tokens),
+            callback_allow_nets=tuple(str(n) for n in settings.callback_allow_nets),
+            shutdown_timeout_s=settings.shutdown_timeout_s,
+            event_loop=settings.event_loop,
+            log_level=settings.log_level,
+        ),
+        processes=settings.api_processes,
+        service=service,
+        metrics=app[METRICS],
+    )
+    app[API_POOL] = pool
+    try:
+        await pool.start()
+        yield
+    finally:
+        await pool.close()
 
 
 def drain_budget(timeout_s: float, started: float | None, now: float) -> float:
@@ -210,6 +236,16 @@ async def _loops_ctx(
     )
     app[POLLER] = poller
     app[DELIVERER] = deliverer
+    app[SERVICE] = LocalService(
+        store=store,
+        metrics=metrics,
+        clock=clock,
+        new_watch_id=api.new_watch_id,
+        watch_timeout_s=settings.watch_timeout_s,
+        wake_poller=poller.wake,
+        wake_deliverer=deliverer.wake,
+        loops_alive=partial(loops_alive, app),
+    )
     stopping = app[STOPPING]
     try:  # whatever fails from here on, the children and sessions are closed below
         if workers is not None:

@@ -28,6 +28,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_parser(
         "poll-worker", help="(started by `serve` with RELAY_POLL_PROCESSES; not by hand)"
     )
+    sub.add_parser("api-process", help="(started by `serve` with RELAY_API_PROCESSES; not by hand)")
     fake = sub.add_parser("fake-upstream", help="run a local simulator of the hiapi task API")
     fake.add_argument("--host", default="127.0.0.1")
     fake.add_argument("--port", type=int, default=8081)
@@ -43,6 +44,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from relay.pollworkers import run_worker
 
         return run_worker()
+    if args.command == "api-process":
+        from relay.apiprocs import run_api_process
+
+        return run_api_process()
     try:
         settings = Settings.from_env()
     except ConfigError as exc:
@@ -84,6 +89,8 @@ def _serve(settings: Settings) -> int:
             shutdown_timeout=settings.shutdown_timeout_s,
             access_log=None,
             print=None,
+            # API processes bind the same port; the kernel spreads new connections over all.
+            reuse_port=True if settings.api_processes else None,
             loop=loop_factory() if loop_factory else None,
         )
     except StoreUnavailable as exc:

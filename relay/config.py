@@ -79,6 +79,9 @@ class Settings:
     upstream_timeout_s: float = 10.0
     # 0: polls run in the relay process; N: their HTTP runs in N child processes (pollworkers.py).
     poll_processes: int = 0
+    # 0: the HTTP API runs in the relay process; N: also in N child processes sharing the port
+    # (apiprocs.py), each asking this process for what needs the store.
+    api_processes: int = 0
     watch_timeout_s: float = 86_400.0
     not_found_grace_s: float = 60.0
     delivery_timeout_s: float = 10.0
@@ -136,6 +139,7 @@ class Settings:
         take("RELAY_UPSTREAM_CONCURRENCY", "upstream_concurrency", _int_between(1, 10_000))
         take("RELAY_UPSTREAM_TIMEOUT_S", "upstream_timeout_s", _duration)
         take("RELAY_POLL_PROCESSES", "poll_processes", _int_between(0, 64))
+        take("RELAY_API_PROCESSES", "api_processes", _int_between(0, 64))
         take("RELAY_WATCH_TIMEOUT_S", "watch_timeout_s", _duration)
         take("RELAY_NOT_FOUND_GRACE_S", "not_found_grace_s", _duration_or_zero)
         take("RELAY_DELIVERY_TIMEOUT_S", "delivery_timeout_s", _duration)
@@ -200,6 +204,11 @@ class Settings:
             problems.append(
                 f"RELAY_DELIVERY_LEASE_S: must be more than {delivery_work:g} s"
                 f" (RELAY_DELIVERY_TIMEOUT_S + {LEASE_MARGIN_S:g} s margin)"
+            )
+        if self.api_processes and self.port == 0:
+            problems.append(
+                "RELAY_API_PROCESSES: needs a fixed RELAY_PORT (each API process binds that port;"
+                " 0 would give each a port of its own)"
             )
         if problems:
             raise ConfigError(problems)

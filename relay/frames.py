@@ -1,4 +1,5 @@
-"""Frames on a pipe between the relay and its child processes (poll workers, API processes).
+"""The relay's child processes (poll workers, API processes): frames on their pipes, when to
+start one again, and the start of a child's own `main`.
 
 A frame is a fixed header (kind, request id, a small number, payload length) and a payload.
 Each protocol numbers its own kinds from 1 and tells the decoder its last one: a kind beyond it,
@@ -8,13 +9,26 @@ or a payload over the bound, means the other side is not speaking this protocol.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import signal
 import struct
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Coroutine
 from typing import Any
+
+import orjson
+
+from relay import logs
 
 # kind, request id, a small number (an HTTP status, say), payload length.
 HEADER = struct.Struct("<BIHI")
+
+RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+# A child that lived this long before it died starts again at once, not after a backoff.
+STABLE_AFTER_S = 60.0
+STOP_GRACE_S = 5.0
+START_WAIT_S = 10.0
 
 # Whatever the relay's own environment holds (the API key, tokens, signing secrets, the store's
 # password) stays out of its children's: they get what Python and TLS need, and nothing named
@@ -144,3 +158,60 @@ def frames_on_private_stdout() -> int:
     frames_out = os.dup(1)
     os.dup2(2, 1)
     return frames_out
+
+
+class RestartPolicy:
+    """How long to wait before starting a child again: at once after a long life, with a growing
+    backoff while children keep dying young (a crash at start must not spin)."""
+
+    def __init__(self) -> None:
+        self._failures_in_a_row = 0
+
+    def delay_after_exit(self, lived_s: float) -> float:
+        self._failures_in_a_row = 0 if lived_s >= STABLE_AFTER_S else self._failures_in_a_row + 1
+        if not self._failures_in_a_row:
+            return 0.0
+        return RESTART_BACKOFF_S[min(self._failures_in_a_row, len(RESTART_BACKOFF_S)) - 1]
+
+    def spawn_failed(self) -> float:
+        self._failures_in_a_row += 1
+        return RESTART_BACKOFF_S[-1]
+
+
+ChildServe = Callable[[dict[str, Any], int], Coroutine[Any, Any, None]]
+
+
+def run_child(*, who: str, config_kind: int, protocol: int, serve: ChildServe) -> int:
+    """A child's `main`: read its CONFIG frame from stdin, check the protocol, set up its logs,
+    then run `serve(config fields, frames fd)` on the event loop the relay runs."""
+    # The relay stops its children itself, after its own drain; a Ctrl-C sent to the whole
+    # process group must not cut their work short first.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    frames_out = frames_on_private_stdout()
+    kind, _, _, payload = read_first_frame(sys.stdin.fileno(), who)
+    fields = orjson.loads(payload) if kind == config_kind else {}
+    if fields.get("protocol") != protocol:
+        print(
+            f"{who}: the relay speaks frame protocol {fields.get('protocol')}, this code"
+            f" {protocol} (upgraded in place?): restart the relay",
+            file=sys.stderr,
+        )
+        return 2
+    logs.configure(fields["log_level"])
+    pid = os.getpid()
+    pid_field = who.replace("-", "_") + "_pid"
+
+    def tag(record: logging.LogRecord) -> bool:
+        setattr(record, pid_field, pid)  # its lines interleave with the relay's on one stderr
+        return True
+
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(tag)
+    if fields["event_loop"] == "uvloop":
+        import uvloop
+
+        uvloop.run(serve(fields, frames_out))
+    else:
+        asyncio.run(serve(fields, frames_out))
+    return 0

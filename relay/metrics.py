@@ -120,6 +120,16 @@ class Metrics:
             "Poll worker processes that exited while the relay ran; each is started again.",
             registry=r,
         )
+        self.api_processes = Gauge(
+            "relay_api_processes",
+            "API processes serving HTTP beside the relay process (RELAY_API_PROCESSES).",
+            registry=r,
+        )
+        self.api_process_exits = Counter(
+            "relay_api_process_exits",
+            "API processes that exited while the relay ran; each is started again.",
+            registry=r,
+        )
         self.upstream_auth_failing = Gauge(
             "relay_upstream_auth_failing",
             "1 while the task API rejects the API key (401/403) and polling is paused.",

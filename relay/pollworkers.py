@@ -21,7 +21,6 @@ import contextlib
 import itertools
 import logging
 import os
-import signal
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -33,15 +32,17 @@ from relay import logs
 from relay.config import UPSTREAM_ATTEMPTS
 from relay.frames import (
     HEADER,
+    START_WAIT_S,
+    STOP_GRACE_S,
     Drained,
     FrameDecoder,
     FrameError,
     IncomingFrames,
     Outbox,
+    RestartPolicy,
     child_env,
     encode,
-    frames_on_private_stdout,
-    read_first_frame,
+    run_child,
     settle,
 )
 from relay.metrics import Metrics
@@ -81,12 +82,7 @@ def _decoder() -> FrameDecoder:
 # Bumped whenever the frames change: a child started from newer or older code on disk (an
 # upgrade in place) refuses a CONFIG of another version instead of misreading frames.
 PROTOCOL_VERSION = 2
-RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
-# A child that lived this long before it died starts again at once, not after a backoff.
-STABLE_AFTER_S = 60.0
-STOP_GRACE_S = 5.0
 WATCH_EVERY_S = 0.25
-START_WAIT_S = 10.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -265,7 +261,7 @@ class PollWorkerPool:
         self._children: list[_Child] = []
         self._request_ids = itertools.count(1)
         self._background: set[asyncio.Task[None]] = set()
-        self._failures_in_a_row = 0
+        self._restarts = RestartPolicy()
         self._closing = False
         metrics.poll_workers.set_function(lambda: sum(c.ready for c in self._children))
 
@@ -387,13 +383,7 @@ class PollWorkerPool:
         if self._closing:
             return
         loop = asyncio.get_running_loop()
-        lived = loop.time() - child.started_at
-        self._failures_in_a_row = 0 if lived >= STABLE_AFTER_S else self._failures_in_a_row + 1
-        delay = (
-            RESTART_BACKOFF_S[min(self._failures_in_a_row, len(RESTART_BACKOFF_S)) - 1]
-            if self._failures_in_a_row
-            else 0.0
-        )
+        delay = self._restarts.delay_after_exit(loop.time() - child.started_at)
         returncode = child.transport.get_returncode() if child.transport else None
         logs.event(
             log,
@@ -418,8 +408,7 @@ class PollWorkerPool:
                 await self._spawn()
             except Exception as exc:  # never give up on a child: the poller waits for one
                 logs.event(log, "poll_worker_spawn_failed", logging.ERROR, detail=repr(exc)[:200])
-                self._failures_in_a_row += 1
-                self._keep(self._restart_after(RESTART_BACKOFF_S[-1]))
+                self._keep(self._restart_after(self._restarts.spawn_failed()))
 
     async def _watch(self) -> None:
         """Polls past the answer deadline end as timeouts, each on its own, before their leases
@@ -484,37 +473,13 @@ class PollWorkerPool:
 
 def run_worker() -> int:
     """`relay poll-worker`: serve FETCH frames on stdin until it closes."""
-    # The relay stops its children by closing their stdin, after its own drain; a Ctrl-C sent
-    # to the whole process group must not cut their polls short first.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    frames_out = frames_on_private_stdout()
-    kind, _, _, payload = read_first_frame(sys.stdin.fileno(), "poll-worker")
-    fields = orjson.loads(payload) if kind == CONFIG else {}
-    if fields.get("protocol") != PROTOCOL_VERSION:
-        print(
-            f"poll-worker: the relay speaks frame protocol {fields.get('protocol')}, this code"
-            f" {PROTOCOL_VERSION} (upgraded in place?): restart the relay",
-            file=sys.stderr,
-        )
-        return 2
-    config = WorkerConfig(**fields)
-    logs.configure(config.log_level)
-    pid = os.getpid()
+    return run_child(
+        who="poll-worker", config_kind=CONFIG, protocol=PROTOCOL_VERSION, serve=_serve_config
+    )
 
-    def tag(record: logging.LogRecord) -> bool:
-        record.poll_worker_pid = pid  # its lines interleave with the relay's on one stderr
-        return True
 
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(tag)
-    if config.event_loop == "uvloop":
-        import uvloop
-
-        uvloop.run(_serve(config, frames_out))
-    else:
-        asyncio.run(_serve(config, frames_out))
-    return 0
+async def _serve_config(fields: dict[str, Any], frames_out: int) -> None:
+    await _serve(WorkerConfig(**fields), frames_out)
 
 
 _STOPPING = "the relay is stopping: no more retries"

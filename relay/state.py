@@ -12,6 +12,7 @@ from relay.config import Settings
 from relay.delivery import Deliverer
 from relay.metrics import Metrics
 from relay.poller import Poller
+from relay.service import WatchService
 from relay.store.base import Store
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -24,6 +25,8 @@ CLOCK: web.AppKey[Clock] = web.AppKey("clock")
 POLLER = web.AppKey("poller", Poller)
 DELIVERER = web.AppKey("deliverer", Deliverer)
 CALLBACK_CHECK: web.AppKey[CallbackCheck] = web.AppKey("callback_check")
+# What the handlers ask of the relay: in this process, or over a pipe in an API process.
+SERVICE: web.AppKey[WatchService] = web.AppKey("service")
 LOOP_TASKS = web.AppKey("loop_tasks", list[asyncio.Task[None]])
 STOPPING = web.AppKey("stopping", asyncio.Event)
 # time.monotonic() when the shutdown began (aiohttp's on_shutdown): the loops' drain and the

@@ -21,10 +21,20 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client import CollectorRegistry
 
+from relay.apiprocs import (
+    CALL,
+    EVENTS,
+    ApiConfig,
+    CallServer,
+    RemoteService,
+    create_api_process_app,
+)
 from relay.app import create_app
 from relay.config import Secret, Settings
 from relay.fake_upstream import FAKE_UPSTREAM_KEY, FakeUpstream, create_fake_upstream_app
-from relay.state import DELIVERER, POLLER, STORE
+from relay.frames import HEADER
+from relay.service import LocalService
+from relay.state import DELIVERER, POLLER, SERVICE, STORE
 from relay.store.sqlite import SQLiteStore
 
 T0 = 1_700_000_000.0
@@ -164,6 +174,8 @@ class Relay:
     client: TestClient[web.Request, web.Application]
     clock: FakeClock
     registry: CollectorRegistry
+    # Set when the client talks to an API process's app (RELAY_API_PROCESSES), not the relay's.
+    front: RemoteService | None = None
 
     async def register(self, task_id: str, callback_url: str, **extra: Any) -> Any:
         response = await self.client.post(
@@ -189,6 +201,8 @@ class Relay:
         return polled, await self.deliver()
 
     def sample(self, name: str, labels: dict[str, str] | None = None) -> float | None:
+        if self.front is not None:
+            self.front.flush()  # the API process's counts reach the relay's registry now
         return self.registry.get_sample_value(name, labels or {})
 
     @property
@@ -201,9 +215,41 @@ class Relay:
 RelayFactory = Callable[..., Awaitable[Relay]]
 
 
+class LoopbackPipe:
+    """An API process's pipe to the relay, in one event loop: each CALL frame is answered by the
+    relay's CallServer, each EVENTS frame applied at once. The frames are the real ones."""
+
+    def __init__(self, calls: CallServer) -> None:
+        self._calls = calls
+        self._answering: set[asyncio.Task[None]] = set()
+        self.remote = RemoteService(self)
+
+    def send(self, frame: bytes) -> None:
+        kind, request_id, _, length = HEADER.unpack_from(frame)
+        payload = frame[HEADER.size :]
+        assert len(payload) == length
+        if kind == EVENTS:
+            self._calls.apply_events(payload)
+        elif kind == CALL:
+            task = asyncio.create_task(self._answer(request_id, payload))
+            self._answering.add(task)
+            task.add_done_callback(self._answering.discard)
+
+    async def _answer(self, request_id: int, payload: bytes) -> None:
+        kind, answer = await self._calls.answer(payload)
+        self.remote.answered(kind, request_id, answer)
+
+
+@pytest.fixture
+def front() -> str:
+    """Which app the client talks to: the relay's own ("in-process"), or the one an API process
+    serves ("api-process"), whose calls reach the relay's through a LoopbackPipe."""
+    return "in-process"
+
+
 @pytest.fixture
 async def make_relay(
-    tmp_path: Path, clock: FakeClock, upstream: Upstream
+    tmp_path: Path, clock: FakeClock, upstream: Upstream, front: str
 ) -> AsyncIterator[RelayFactory]:
     clients: list[TestClient[web.Request, web.Application]] = []
 
@@ -216,7 +262,27 @@ async def make_relay(
         client = TestClient(TestServer(app, host="127.0.0.1"))
         await client.start_server()
         clients.append(client)
-        return Relay(app=app, client=client, clock=clock, registry=registry)
+        if front == "in-process":
+            return Relay(app=app, client=client, clock=clock, registry=registry)
+        service = app[SERVICE]
+        assert isinstance(service, LocalService)
+        pipe = LoopbackPipe(CallServer(service))
+        api_app = create_api_process_app(
+            ApiConfig(
+                host="127.0.0.1",
+                port=0,
+                api_tokens=tuple(t.value for t in settings.api_tokens),
+                callback_allow_nets=tuple(str(n) for n in settings.callback_allow_nets),
+                shutdown_timeout_s=settings.shutdown_timeout_s,
+                event_loop="asyncio",
+                log_level="INFO",
+            ),
+            pipe.remote,
+        )
+        api_client = TestClient(TestServer(api_app, host="127.0.0.1"))
+        await api_client.start_server()
+        clients.append(api_client)
+        return Relay(app=app, client=api_client, clock=clock, registry=registry, front=pipe.remote)
 
     yield factory
     for client in clients:

@@ -13,28 +13,12 @@ import pytest
 from aiohttp import web
 
 from relay.fake_upstream import Schedule, create_fake_upstream_app
-from tests.processes import RelayProcess, loopback, settle
+from tests.processes import RelayProcess, alive, child_pids, loopback, settle
 
 pytestmark = pytest.mark.slow
 
 WATCHES = 60
 API_KEY = "sk-poll-workers-b64c1f0e"
-
-
-def _children(pid: int) -> list[int]:
-    found = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        found += [int(x) for x in (task / "children").read_text().split()]
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie is dead for our purpose: it runs nothing.
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
 
 
 async def test_a_relay_with_poll_workers_delivers_every_watch_through_a_worker_kill(
@@ -68,10 +52,10 @@ async def test_a_relay_with_poll_workers_delivers_every_watch_through_a_worker_k
             pid = relay.proc.pid
 
             async def workers() -> int:
-                return len(_children(pid))
+                return len(child_pids(pid))
 
             assert 2 == await settle(workers, 2, timeout=20)
-            first = _children(pid)
+            first = child_pids(pid)
             async with aiohttp.ClientSession() as session:
                 for n in range(WATCHES):
                     payload = {"taskId": f"tk-hiapi-w{n}", "callbackUrl": net.hook(n)}
@@ -87,7 +71,7 @@ async def test_a_relay_with_poll_workers_delivers_every_watch_through_a_worker_k
                     metrics = await response.text()
             assert "relay_poll_worker_exits_total 1.0" in metrics
             assert "relay_poll_workers 2.0" in metrics
-            replacements = _children(pid)
+            replacements = child_pids(pid)
             assert len(replacements) == 2
             assert first[0] not in replacements
             assert max(arrivals.values()) == 1
@@ -97,7 +81,7 @@ async def test_a_relay_with_poll_workers_delivers_every_watch_through_a_worker_k
 
             assert 0 == await relay.stop(signal.SIGTERM)
             for worker in replacements:
-                assert not _alive(worker), "a poll worker outlived the relay"
+                assert not alive(worker), "a poll worker outlived the relay"
         finally:
             if relay.proc is not None and relay.proc.returncode is None:
                 await relay.stop()

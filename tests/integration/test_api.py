@@ -80,6 +80,12 @@ CONTRACT_FAMILIES = {
 }
 
 
+@pytest.fixture(params=["in-process", "api-process"])
+def front(request: pytest.FixtureRequest) -> str:
+    """Every API test runs against the relay's own app and against an API process's app."""
+    return str(request.param)
+
+
 # --- helpers ------------------------------------------------------------------------------------
 
 

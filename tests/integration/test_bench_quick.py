@@ -17,7 +17,8 @@ pytestmark = pytest.mark.slow
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RUN_TIMEOUT_S = 120.0
 SCENARIOS = [
-    "burst", "ceiling", "notify", "polls", "polls-workers", "registration", "replicas", "scale",
+    "burst", "ceiling", "notify", "polls", "polls-workers", "registration",
+    "registration-processes", "replicas", "scale",
 ]  # fmt: skip
 
 
@@ -35,6 +36,10 @@ def _figures(doc: dict[str, Any]) -> dict[str, Any]:
         "registration.latency_ms.p99": s["registration"]["latency_ms"]["p99"],
         "registration.floor.requests_per_s": s["registration"]["floor"]["requests_per_s"],
         "registration.ratio_to_floor": s["registration"]["ratio_to_floor"],
+        "registration-processes.watches_per_s": s["registration-processes"]["watches_per_s"],
+        "registration-processes.relay_cpu_s_per_1k": s["registration-processes"][
+            "relay_cpu_s_per_1k"
+        ],
         "polls.polls_per_s": s["polls"]["polls_per_s"],
         "polls.relay_cpu_s_per_1k_polls": s["polls"]["relay_cpu_s_per_1k_polls"],
         "polls.ratio_to_ceiling": s["polls"]["ratio_to_ceiling"],

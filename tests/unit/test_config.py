@@ -542,3 +542,20 @@ def test_an_upstream_url_with_credentials_is_refused_without_showing_them(url: s
         "RELAY_UPSTREAM_URL: must not hold credentials (the key goes in RELAY_UPSTREAM_API_KEY)"
     ] == found
     assert "s3cret-pw" not in "".join(found)
+
+
+def test_api_processes_need_a_fixed_port() -> None:
+    """Each API process binds RELAY_PORT itself: port 0 would give each a port of its own."""
+    assert [
+        "RELAY_API_PROCESSES: needs a fixed RELAY_PORT (each API process binds that port;"
+        " 0 would give each a port of its own)"
+    ] == problems({"RELAY_API_PROCESSES": "2", "RELAY_PORT": "0"})
+    assert 0 == Settings.from_env({"RELAY_PORT": "0"}).api_processes
+    assert 2 == Settings.from_env({"RELAY_API_PROCESSES": "2"}).api_processes
+
+
+@pytest.mark.parametrize("raw", ["-1", "65", "two", "1.5"])
+def test_api_processes_outside_0_to_64_are_refused(raw: str) -> None:
+    found = problems({"RELAY_API_PROCESSES": raw})
+    assert 1 == len(found)
+    assert found[0].startswith("RELAY_API_PROCESSES: ")

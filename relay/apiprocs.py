@@ -1,0 +1,521 @@
+"""API processes: the HTTP API in child processes too, the store and everything else in this one.
+
+One relay process answers about 0.3 ms of CPU per registration, most of it aiohttp's server and
+the handler around the store call, and a Python process runs on one core (BENCHMARKS.md). With
+RELAY_API_PROCESSES=N, N child processes (`python -m relay api-process`) bind the relay's port
+beside it (SO_REUSEPORT: the kernel spreads new connections over all of them). A child parses,
+authenticates, validates and renders; what needs the store it asks this process, one CALL frame
+per request on its stdout, answered by a RESULT or FAILED frame on its stdin. This process stays
+the only writer: a 201 from a child still means committed, one poll stream per task still holds.
+
+A child counts its requests in metric events it sends with the frames of the same loop turn:
+the relay process holds the only registry, so a scrape sees every process's requests.
+A child that dies is started again (the connections it held are closed; clients retry, and a
+registration sent again answers the same watch). At shutdown the relay sends STOP: each child
+stops listening and finishes its requests in flight, which the relay still answers. A child
+whose stdin closes without STOP (the relay died) fails its calls as 503 and leaves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import itertools
+import logging
+import os
+import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol, cast
+
+import orjson
+from aiohttp import web
+
+from relay import api, logs
+from relay.frames import (
+    START_WAIT_S,
+    STOP_GRACE_S,
+    Drained,
+    FrameDecoder,
+    FrameError,
+    IncomingFrames,
+    Outbox,
+    RestartPolicy,
+    child_env,
+    encode,
+    run_child,
+    settle,
+)
+from relay.metrics import Metrics
+from relay.models import NewWatch, Watch, WatchState
+from relay.netpolicy import CallbackPolicy
+from relay.service import LocalService
+from relay.state import SERVICE
+from relay.store.base import StoreConflict, StoreUnavailable
+
+log = logging.getLogger("relay.apiprocs")
+
+# relay -> child
+CONFIG = 1  # payload: JSON of ApiConfig; the first frame, once
+RESULT = 2  # payload: JSON of the call's result
+FAILED = 3  # payload: JSON [kind, message]: "unavailable", "conflict" or "internal"
+STOP = 4  # stop listening, finish the requests in flight, leave
+# child -> relay
+READY = 5  # the child listens on the port
+CALL = 6  # payload: JSON [method, *arguments]
+EVENTS = 7  # payload: JSON list of metric events (see RemoteService)
+LAST_KIND = EVENTS
+
+PROTOCOL_VERSION = 1
+# A page of 1,000 watches with 4 KiB of metadata each, and room to spare.
+MAX_PAYLOAD = 16 * 1024 * 1024
+# A call the relay process has not answered in this long answers 503 (the store's own waits,
+# RELAY_SQLITE_BUSY_TIMEOUT_MS or a PostgreSQL statement, end well before it).
+CALL_TIMEOUT_S = 30.0
+
+
+def _decoder() -> FrameDecoder:
+    return FrameDecoder(last_kind=LAST_KIND, max_payload=MAX_PAYLOAD)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ApiConfig:
+    """What an API process needs; sent on its stdin, never in its arguments or environment."""
+
+    host: str
+    port: int
+    api_tokens: tuple[str, ...] = field(repr=False)
+    callback_allow_nets: tuple[str, ...]
+    shutdown_timeout_s: float
+    event_loop: str
+    log_level: str
+    protocol: int = PROTOCOL_VERSION
+
+
+# --- the calls, as both sides see them -------------------------------------------------------------
+
+
+def _watch(fields: dict[str, Any] | None) -> Watch | None:
+    if fields is None:
+        return None
+    return Watch(**{**fields, "state": WatchState(fields["state"])})
+
+
+class CallServer:
+    """The relay's side of the calls: each CALL's answer, each EVENTS frame applied."""
+
+    def __init__(self, service: LocalService) -> None:
+        self._service = service
+        self._methods: dict[str, Callable[..., Awaitable[Any]]] = {
+            "register": self._register,
+            "get": service.get,
+            "cancel": service.cancel,
+            "redeliver": service.redeliver,
+            "list": self._list_watches,
+            "readiness": service.readiness,
+            "metrics": self._metrics,
+        }
+
+    async def answer(self, payload: bytes) -> tuple[int, bytes]:
+        """The (kind, payload) of the frame that answers the CALL carrying `payload`."""
+        try:
+            method, *arguments = orjson.loads(payload)
+            result = await self._methods[method](*arguments)
+            return RESULT, orjson.dumps(result)
+        except StoreUnavailable as exc:  # the child counts and logs it, as the relay would
+            return FAILED, orjson.dumps(["unavailable", str(exc)])
+        except StoreConflict as exc:
+            return FAILED, orjson.dumps(["conflict", str(exc)])
+        except Exception:  # a bug: logged here whole, a bare 500 there
+            log.exception("api_call_crashed")
+            return FAILED, orjson.dumps(["internal", ""])
+
+    def apply_events(self, payload: bytes) -> None:
+        service = self._service
+        try:
+            for event in orjson.loads(payload):
+                if event[0] == "h":
+                    service.record_http(event[1], event[2], event[3], event[4])
+                elif event[0] == "s":
+                    service.store_failed(event[1], event[2])
+        except (orjson.JSONDecodeError, TypeError, IndexError, ValueError) as exc:
+            logs.event(log, "api_events_unreadable", logging.ERROR, detail=repr(exc)[:200])
+
+    async def _register(self, task_id: str, callback_url: str, metadata: Any) -> list[Any]:
+        new = NewWatch(task_id=task_id, callback_url=callback_url, metadata=metadata)
+        watch, created = await self._service.register(new)
+        return [watch, created]
+
+    async def _list_watches(
+        self, state: str | None, task_id: str | None, limit: int, after: str | None
+    ) -> list[Watch]:
+        return await self._service.list_watches(
+            state=None if state is None else WatchState(state),
+            task_id=task_id,
+            limit=limit,
+            after=after,
+        )
+
+    async def _metrics(self, accept: str) -> list[str]:
+        body, content_type = await self._service.metrics_page(accept)
+        return [body.decode(), content_type]
+
+
+# --- the relay's side -----------------------------------------------------------------------------
+
+
+class _Child(asyncio.SubprocessProtocol):
+    """One API process, as the relay sees it."""
+
+    def __init__(self, pool: ApiProcessPool) -> None:
+        self._pool = pool
+        self._decoder = _decoder()
+        self.transport: asyncio.SubprocessTransport | None = None
+        self.outbox: Outbox | None = None
+        loop = asyncio.get_running_loop()
+        self.ended: asyncio.Future[None] = loop.create_future()
+        self.settled_in: asyncio.Future[None] = loop.create_future()
+        self.started_at = 0.0
+        self.ready = False
+        self.gone = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports do not derive from asyncio's classes; they have the same methods.
+        self.transport = cast(asyncio.SubprocessTransport, transport)
+        self.outbox = Outbox(cast(asyncio.WriteTransport, self.transport.get_pipe_transport(0)))
+
+    def pipe_data_received(self, fd: int, data: bytes | str) -> None:
+        if fd != 1 or self.gone:
+            return
+        try:
+            frames = self._decoder.feed(data if isinstance(data, bytes) else data.encode())
+        except FrameError as exc:
+            logs.event(log, "api_process_broken", logging.ERROR, pid=self.pid, detail=str(exc))
+            self.kill()
+            return
+        for kind, request_id, _, payload in frames:
+            if kind == CALL:
+                self._pool.answer(self, request_id, payload)
+            elif kind == EVENTS:
+                self._pool.apply_events(payload)
+            elif kind == READY:
+                self.ready = True
+                settle(self.settled_in, None)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.gone = True
+        self.ready = False
+        settle(self.settled_in, None)
+        if self.transport is not None:
+            self.transport.close()
+        settle(self.ended, None)
+        self._pool.ended(self)
+
+    def send(self, frame: bytes) -> None:
+        if self.outbox is not None and not self.gone:
+            self.outbox.send(frame)
+
+    def kill(self) -> None:
+        self.ready = False
+        if self.transport is not None and not self.transport.is_closing():
+            with contextlib.suppress(ProcessLookupError):
+                self.transport.kill()
+
+    @property
+    def pid(self) -> int | None:
+        return None if self.transport is None else self.transport.get_pid()
+
+
+class ApiProcessPool:
+    """Starts `processes` API processes, answers their calls, restarts the ones that die."""
+
+    def __init__(
+        self,
+        config: ApiConfig,
+        *,
+        processes: int,
+        service: LocalService,
+        metrics: Metrics,
+        command: tuple[str, ...] = (sys.executable, "-m", "relay", "api-process"),
+    ) -> None:
+        self._config = config
+        self._processes = processes
+        self.calls = CallServer(service)
+        self._metrics = metrics
+        self._command = command
+        self._children: list[_Child] = []
+        self._background: set[asyncio.Task[Any]] = set()
+        self._restarts = RestartPolicy()
+        self._stopping = False
+        metrics.api_processes.set_function(lambda: sum(c.ready for c in self._children))
+
+    @property
+    def children(self) -> tuple[_Child, ...]:
+        return tuple(self._children)
+
+    async def start(self) -> None:
+        """Start the children and wait (a bounded time) until each listens."""
+        for _ in range(self._processes):
+            await self._spawn()
+        waiting = [c.settled_in for c in self._children]
+        await asyncio.wait(waiting, timeout=START_WAIT_S)
+        if not all(c.ready for c in self._children):
+            logs.event(log, "api_processes_not_ready", logging.ERROR, waited_s=START_WAIT_S)
+
+    async def _spawn(self) -> None:
+        loop = asyncio.get_running_loop()
+        child = _Child(self)
+        await loop.subprocess_exec(
+            lambda: child,
+            *self._command,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=None,  # the child logs to the relay's stderr
+            env=child_env(),
+        )
+        child.started_at = loop.time()
+        child.send(encode(CONFIG, 0, orjson.dumps(self._config)))
+        self._children.append(child)
+        logs.event(log, "api_process_started", pid=child.pid)
+        if self._stopping:  # the shutdown began while it was being started
+            child.send(encode(STOP, 0))
+
+    def answer(self, child: _Child, request_id: int, payload: bytes) -> None:
+        self._keep(self._answer(child, request_id, payload))
+
+    async def _answer(self, child: _Child, request_id: int, payload: bytes) -> None:
+        kind, answer = await self.calls.answer(payload)
+        child.send(encode(kind, request_id, answer))
+
+    def apply_events(self, payload: bytes) -> None:
+        self.calls.apply_events(payload)
+
+    def stop_accepting(self) -> None:
+        """The relay's shutdown began: every child stops listening and drains its requests."""
+        self._stopping = True
+        for child in self._children:
+            child.send(encode(STOP, 0))
+
+    def ended(self, child: _Child) -> None:
+        if child in self._children:
+            self._children.remove(child)
+        if self._stopping:
+            return
+        loop = asyncio.get_running_loop()
+        delay = self._restarts.delay_after_exit(loop.time() - child.started_at)
+        returncode = child.transport.get_returncode() if child.transport else None
+        logs.event(
+            log,
+            "api_process_exited",
+            logging.ERROR,
+            pid=child.pid,
+            returncode=returncode,
+            restart_in_s=delay,
+        )
+        self._metrics.api_process_exits.inc()
+        self._keep(self._restart_after(delay))
+
+    async def _restart_after(self, delay: float) -> None:
+        await asyncio.sleep(delay)
+        if self._stopping:
+            return
+        try:
+            await self._spawn()
+        except Exception as exc:  # never give up: the relay process still serves meanwhile
+            logs.event(log, "api_process_spawn_failed", logging.ERROR, detail=repr(exc)[:200])
+            self._keep(self._restart_after(self._restarts.spawn_failed()))
+
+    def _keep(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def close(self) -> None:
+        """Stop every child: each finishes its requests in flight (answered meanwhile), or is
+        killed after RELAY_SHUTDOWN_TIMEOUT_S and a grace period."""
+        if not self._stopping:
+            self.stop_accepting()
+        children = list(self._children)
+        if children:
+            bound = self._config.shutdown_timeout_s + STOP_GRACE_S
+            _, late = await asyncio.wait([c.ended for c in children], timeout=bound)
+            for child in children:
+                if not child.ended.done():
+                    logs.event(log, "api_process_killed", logging.WARNING, pid=child.pid)
+                    child.kill()
+            if late:
+                await asyncio.wait(late, timeout=STOP_GRACE_S)
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+
+
+# --- the child's side -----------------------------------------------------------------------------
+
+
+class FrameSink(Protocol):
+    def send(self, frame: bytes) -> None: ...
+
+
+class RemoteService:
+    """The WatchService of an API process: each call a CALL frame, its answer a RESULT frame."""
+
+    def __init__(self, outbox: FrameSink, *, call_timeout_s: float = CALL_TIMEOUT_S) -> None:
+        self._outbox = outbox
+        self._call_timeout_s = call_timeout_s
+        self._pending: dict[int, asyncio.Future[tuple[int, bytes]]] = {}
+        self._ids = itertools.count(1)
+        self._events: list[list[Any]] = []
+        self._flush_due: asyncio.Handle | None = None
+        self._relay_gone = False
+
+    async def _call(self, method: str, *arguments: Any) -> Any:
+        if self._relay_gone:
+            raise StoreUnavailable("the relay process is gone")
+        request_id = next(self._ids) & 0xFFFFFFFF
+        answered: asyncio.Future[tuple[int, bytes]] = asyncio.get_running_loop().create_future()
+        self._pending[request_id] = answered
+        self._outbox.send(encode(CALL, request_id, orjson.dumps([method, *arguments])))
+        try:
+            async with asyncio.timeout(self._call_timeout_s):
+                kind, payload = await answered
+        except TimeoutError:
+            raise StoreUnavailable(
+                f"the relay process did not answer within {self._call_timeout_s:g} s"
+            ) from None
+        finally:
+            self._pending.pop(request_id, None)
+        if kind == RESULT:
+            return orjson.loads(payload)
+        failure, message = orjson.loads(payload)
+        if failure == "unavailable":
+            raise StoreUnavailable(message)
+        if failure == "conflict":
+            raise StoreConflict(message)
+        raise RuntimeError("the relay process failed this call (its log says why)")
+
+    def answered(self, kind: int, request_id: int, payload: bytes) -> None:
+        waiting = self._pending.get(request_id)
+        if waiting is not None:
+            settle(waiting, (kind, payload))
+
+    def relay_gone(self) -> None:
+        """The relay process closed the pipe without STOP: no call will be answered."""
+        self._relay_gone = True
+        for waiting in self._pending.values():
+            if not waiting.done():
+                waiting.set_exception(StoreUnavailable("the relay process is gone"))
+
+    async def register(self, new: NewWatch) -> tuple[Watch, bool]:
+        fields, created = await self._call("register", new.task_id, new.callback_url, new.metadata)
+        watch = _watch(fields)
+        assert watch is not None
+        return watch, bool(created)
+
+    async def get(self, watch_id: str) -> Watch | None:
+        return _watch(await self._call("get", watch_id))
+
+    async def cancel(self, watch_id: str) -> Watch | None:
+        return _watch(await self._call("cancel", watch_id))
+
+    async def redeliver(self, watch_id: str) -> Watch | None:
+        return _watch(await self._call("redeliver", watch_id))
+
+    async def list_watches(
+        self, *, state: WatchState | None, task_id: str | None, limit: int, after: str | None
+    ) -> list[Watch]:
+        found = await self._call(
+            "list", None if state is None else state.value, task_id, limit, after
+        )
+        return [w for w in map(_watch, found) if w is not None]
+
+    async def readiness(self) -> dict[str, str]:
+        checks: dict[str, str] = await self._call("readiness")
+        return checks
+
+    async def metrics_page(self, accept: str) -> tuple[bytes, str]:
+        self.flush()  # this process's requests so far are in the page it gets back
+        body, content_type = await self._call("metrics", accept)
+        return str(body).encode(), str(content_type)
+
+    def record_http(self, route: str, method: str, status: int, seconds: float) -> None:
+        self._event(["h", route, method, status, seconds])
+
+    def store_failed(self, path: str, detail: str) -> None:
+        self._event(["s", path, detail])
+
+    def _event(self, event: list[Any]) -> None:
+        # Sent at the end of this turn of the loop, with whatever else goes out in it (one
+        # write): a child killed -9 loses the counts of at most the requests of one turn.
+        self._events.append(event)
+        if self._flush_due is None:
+            self._flush_due = asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        if self._flush_due is not None:
+            self._flush_due.cancel()
+            self._flush_due = None
+        if self._events:
+            self._outbox.send(encode(EVENTS, 0, orjson.dumps(self._events)))
+            self._events = []
+
+
+def create_api_process_app(config: ApiConfig, service: RemoteService) -> web.Application:
+    policy = CallbackPolicy(
+        allow_nets=tuple(ipaddress.ip_network(n) for n in config.callback_allow_nets)
+    )
+    app = api.api_application(
+        tokens=tuple(t.encode() for t in config.api_tokens),
+        policy=policy,
+        metrics_route=api.metrics_from_service,
+    )
+    app[SERVICE] = service
+    return app
+
+
+def run_api_process() -> int:
+    """`relay api-process`: serve the API on the relay's port until the relay says STOP."""
+    return run_child(
+        who="api-process", config_kind=CONFIG, protocol=PROTOCOL_VERSION, serve=_serve_config
+    )
+
+
+async def _serve_config(fields: dict[str, Any], frames_out: int) -> None:
+    await _serve(ApiConfig(**fields), frames_out)
+
+
+async def _serve(config: ApiConfig, frames_out: int) -> None:
+    loop = asyncio.get_running_loop()
+    stdout, drained = await loop.connect_write_pipe(Drained, os.fdopen(frames_out, "wb"))
+    outbox = Outbox(stdout)
+    service = RemoteService(outbox)
+    stop: asyncio.Future[None] = loop.create_future()
+
+    def on_frame(kind: int, request_id: int, payload: bytes) -> None:
+        if kind in (RESULT, FAILED):
+            service.answered(kind, request_id, payload)
+        elif kind == STOP:
+            settle(stop, None)
+
+    _, incoming = await loop.connect_read_pipe(
+        lambda: IncomingFrames(on_frame, _decoder()), sys.stdin.buffer
+    )
+    runner = web.AppRunner(
+        create_api_process_app(config, service),
+        access_log=None,
+        shutdown_timeout=config.shutdown_timeout_s,
+    )
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, config.host, config.port, reuse_port=True).start()
+        outbox.send(encode(READY, 0))
+        await asyncio.wait((stop, incoming.closed), return_when=asyncio.FIRST_COMPLETED)
+        if not stop.done():
+            service.relay_gone()
+    finally:
+        # Stop listening, close idle connections, let the requests in flight finish.
+        await runner.cleanup()
+        service.flush()
+        outbox.close()
+        await drained.closed

@@ -1,0 +1,129 @@
+"""An API process's calls to the relay process (RemoteService): every way a call can end maps to
+what the handlers expect, whatever the relay process answers, or if it never does."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+
+import orjson
+import pytest
+
+from relay.apiprocs import CALL, CONFIG, EVENTS, FAILED, RESULT, RemoteService
+from relay.frames import HEADER, encode
+from relay.models import NewWatch
+from relay.store.base import StoreConflict, StoreUnavailable
+
+
+class Sent:
+    """The frames a RemoteService wrote, decoded."""
+
+    def __init__(self) -> None:
+        self.frames: list[tuple[int, int, object]] = []
+
+    def send(self, frame: bytes) -> None:
+        kind, request_id, _, _ = HEADER.unpack_from(frame)
+        self.frames.append((kind, request_id, orjson.loads(frame[HEADER.size :])))
+
+
+NEW = NewWatch(task_id="tk-hiapi-a", callback_url="http://127.0.0.1:9/h", metadata={"n": 1})
+
+
+async def _answer_first_call(remote: RemoteService, sent: Sent, kind: int, body: object) -> None:
+    while not sent.frames:
+        await asyncio.sleep(0)
+    _, request_id, _ = sent.frames[0]
+    remote.answered(kind, request_id, orjson.dumps(body))
+
+
+async def test_a_registration_goes_out_as_one_call_frame_with_the_fields() -> None:
+    sent = Sent()
+    remote = RemoteService(sent)
+    call = asyncio.ensure_future(remote.register(NEW))
+    await _answer_first_call(remote, sent, FAILED, ["conflict", "x"])
+    with pytest.raises(StoreConflict):
+        await call
+    assert [(CALL, 1, ["register", "tk-hiapi-a", "http://127.0.0.1:9/h", {"n": 1}])] == sent.frames
+
+
+@pytest.mark.parametrize(
+    ("failure", "raised"),
+    [
+        (["unavailable", "sqlite: disk I/O error"], StoreUnavailable),
+        (["conflict", "the watch is already failed"], StoreConflict),
+        (["internal", ""], RuntimeError),
+    ],
+)
+async def test_each_failure_the_relay_answers_is_raised_as_the_handlers_expect(
+    failure: list[str], raised: type[Exception]
+) -> None:
+    sent = Sent()
+    remote = RemoteService(sent)
+    call = asyncio.ensure_future(remote.get("wt_" + "0" * 32))
+    await _answer_first_call(remote, sent, FAILED, failure)
+    with pytest.raises(raised) as caught:
+        await call
+    if failure[1]:
+        assert failure[1] == str(caught.value)
+
+
+async def test_a_call_the_relay_never_answers_ends_as_store_unavailable() -> None:
+    remote = RemoteService(Sent(), call_timeout_s=0.01)
+    with pytest.raises(StoreUnavailable, match=r"did not answer within 0\.01 s"):
+        await remote.readiness()
+
+
+async def test_when_the_relay_is_gone_waiting_and_later_calls_fail_as_store_unavailable() -> None:
+    sent = Sent()
+    remote = RemoteService(sent)
+    waiting = asyncio.ensure_future(remote.get("wt_" + "0" * 32))
+    while not sent.frames:
+        await asyncio.sleep(0)
+    remote.relay_gone()
+    with pytest.raises(StoreUnavailable, match="gone"):
+        await waiting
+    with pytest.raises(StoreUnavailable, match="gone"):
+        await remote.get("wt_" + "0" * 32)
+    assert 1 == len(sent.frames)  # nothing more was sent to nobody
+
+
+async def test_an_answer_for_no_waiting_call_is_ignored() -> None:
+    remote = RemoteService(Sent())
+    remote.answered(RESULT, 99, b"null")  # its call timed out, or never was
+
+
+async def test_request_counts_leave_together_at_the_end_of_the_loop_turn() -> None:
+    sent = Sent()
+    remote = RemoteService(sent)
+    remote.record_http("/watch", "POST", 201, 0.002)
+    remote.record_http("/watch", "POST", 422, 0.001)
+    remote.store_failed("/watch", "sqlite: locked")
+    assert [] == sent.frames
+    await asyncio.sleep(0)
+    assert [
+        (
+            EVENTS,
+            0,
+            [
+                ["h", "/watch", "POST", 201, 0.002],
+                ["h", "/watch", "POST", 422, 0.001],
+                ["s", "/watch", "sqlite: locked"],
+            ],
+        )
+    ] == sent.frames
+
+
+def test_an_api_process_refuses_a_config_of_another_protocol_version() -> None:
+    """Code upgraded on disk under a running relay: the new child says so and exits 2."""
+    config = orjson.dumps({"protocol": 999})
+    done = subprocess.run(
+        [sys.executable, "-m", "relay", "api-process"],
+        input=encode(CONFIG, 0, config),
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    assert 2 == done.returncode
+    assert b"frame protocol 999" in done.stderr
+    assert b"" == done.stdout
