@@ -15,10 +15,6 @@ from typing import Any
 import orjson
 from aiohttp import hdrs, web
 from aiohttp.http_exceptions import ContentEncodingError, PayloadEncodingError
-from multidict import CIMultiDict
-from prometheus_client import CollectorRegistry
-from prometheus_client.aiohttp import make_aiohttp_handler
-from prometheus_client.exposition import choose_encoder
 from yarl import URL
 
 from relay.delivery import iso_utc
@@ -319,7 +315,7 @@ def _problem_for(request: web.Request, exc: Exception) -> web.StreamResponse:
     if isinstance(exc, Problem):
         return exc.response(instance=request.path)
     if isinstance(exc, StoreUnavailable):
-        request.app[SERVICE].store_failed(request.path, str(exc))
+        request.app[SERVICE].store_failed(request.path, exc)
         return store_unavailable(exc).response(instance=request.path)
     if isinstance(exc, web.HTTPRequestEntityTooLarge):
         return _too_large().response(instance=request.path)
@@ -416,6 +412,8 @@ async def list_watches(request: web.Request) -> web.Response:
 
 @routes.get("/healthz")
 async def healthz(request: web.Request) -> web.Response:
+    if not await request.app[SERVICE].alive():  # an API process whose relay does not answer
+        return json_response({"status": "relay process not answering"}, status=503)
     return json_response({"status": "ok"})
 
 
@@ -429,34 +427,20 @@ async def readyz(request: web.Request) -> web.Response:
     )
 
 
-def metrics_handler(registry: CollectorRegistry) -> Handler:
-    """prometheus_client's handler, except that an `Accept` it cannot parse gets the text format."""
-    inner = make_aiohttp_handler(registry)
-
-    async def metrics(request: web.Request) -> web.StreamResponse:
-        try:
-            choose_encoder(",".join(request.headers.getall(hdrs.ACCEPT, [])))
-        except (TypeError, ValueError):
-            # prometheus_client raises on a `version=` it cannot compare (`text/plain; version=x.y`);
-            # answer as to a scraper that named no format rather than with a 500.
-            headers = CIMultiDict(request.headers)
-            headers.popall(hdrs.ACCEPT, None)
-            request = request.clone(headers=headers)
-        return await inner(request)
-
-    return metrics
-
-
-async def metrics_from_service(request: web.Request) -> web.Response:
-    """/metrics in an API process: the relay process renders the page (it holds the metrics)."""
+@routes.get("/metrics")
+async def metrics(request: web.Request) -> web.Response:
+    """The Prometheus page, in the format `Accept` asks for (the text format if it cannot be
+    parsed), only the families named by `name[]` if any, gzipped if the scraper accepts it:
+    what prometheus_client's own handler does, the same from every process."""
     accept = ",".join(request.headers.getall(hdrs.ACCEPT, []))
-    body, content_type = await request.app[SERVICE].metrics_page(accept)
-    return web.Response(body=body, headers={hdrs.CONTENT_TYPE: content_type})
+    names = request.query.getall("name[]", [])
+    body, content_type = await request.app[SERVICE].metrics_page(accept, names)
+    response = web.Response(body=body, headers={hdrs.CONTENT_TYPE: content_type})
+    response.enable_compression()
+    return response
 
 
-def api_application(
-    *, tokens: tuple[bytes, ...], policy: CallbackPolicy, metrics_route: Handler
-) -> web.Application:
+def api_application(*, tokens: tuple[bytes, ...], policy: CallbackPolicy) -> web.Application:
     """The HTTP API, its middleware and routes: the relay's app, and each API process's.
     The caller sets app[SERVICE] before it serves."""
     app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[api_middleware(tokens)])
@@ -466,7 +450,6 @@ def api_application(
 
     app[CALLBACK_CHECK] = check_callback
     app.add_routes(routes)
-    app.router.add_get("/metrics", metrics_route)
     return app
 
 

@@ -73,6 +73,14 @@ MAX_PAYLOAD = 16 * 1024 * 1024
 # A call the relay process has not answered in this long answers 503 (the store's own waits,
 # RELAY_SQLITE_BUSY_TIMEOUT_MS or a PostgreSQL statement, end well before it).
 CALL_TIMEOUT_S = 30.0
+# /healthz in an API process asks the relay process too: a wedged relay must fail its liveness
+# probe, as it would if it served the probe itself.
+HEALTH_TIMEOUT_S = 5.0
+
+
+class RelayUnreachable(StoreUnavailable):
+    """The relay process did not answer a call (gone, or too slow): a 503 like the store's, but
+    not counted as a store error."""
 
 
 def _decoder() -> FrameDecoder:
@@ -115,6 +123,7 @@ class CallServer:
             "list": self._list_watches,
             "readiness": service.readiness,
             "metrics": self._metrics,
+            "health": service.alive,
         }
 
     async def answer(self, payload: bytes) -> tuple[int, bytes]:
@@ -138,7 +147,7 @@ class CallServer:
                 if event[0] == "h":
                     service.record_http(event[1], event[2], event[3], event[4])
                 elif event[0] == "s":
-                    service.store_failed(event[1], event[2])
+                    service.count_store_failure(event[1], event[2])
         except (orjson.JSONDecodeError, TypeError, IndexError, ValueError) as exc:
             logs.event(log, "api_events_unreadable", logging.ERROR, detail=repr(exc)[:200])
 
@@ -157,8 +166,8 @@ class CallServer:
             after=after,
         )
 
-    async def _metrics(self, accept: str) -> list[str]:
-        body, content_type = await self._service.metrics_page(accept)
+    async def _metrics(self, accept: str, names: list[str]) -> list[str]:
+        body, content_type = await self._service.metrics_page(accept, names)
         return [body.decode(), content_type]
 
 
@@ -245,7 +254,8 @@ class ApiProcessPool:
         self._metrics = metrics
         self._command = command
         self._children: list[_Child] = []
-        self._background: set[asyncio.Task[Any]] = set()
+        self._background: set[asyncio.Task[Any]] = set()  # calls being answered
+        self._restarting: set[asyncio.Task[None]] = set()
         self._restarts = RestartPolicy()
         self._stopping = False
         metrics.api_processes.set_function(lambda: sum(c.ready for c in self._children))
@@ -314,7 +324,7 @@ class ApiProcessPool:
             restart_in_s=delay,
         )
         self._metrics.api_process_exits.inc()
-        self._keep(self._restart_after(delay))
+        self._restart(delay)
 
     async def _restart_after(self, delay: float) -> None:
         await asyncio.sleep(delay)
@@ -324,16 +334,26 @@ class ApiProcessPool:
             await self._spawn()
         except Exception as exc:  # never give up: the relay process still serves meanwhile
             logs.event(log, "api_process_spawn_failed", logging.ERROR, detail=repr(exc)[:200])
-            self._keep(self._restart_after(self._restarts.spawn_failed()))
+            self._restart(self._restarts.spawn_failed())
 
     def _keep(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
+    def _restart(self, delay: float) -> None:
+        task = asyncio.create_task(self._restart_after(delay))
+        self._restarting.add(task)
+        task.add_done_callback(self._restarting.discard)
+
     async def close(self) -> None:
         """Stop every child: each finishes its requests in flight (answered meanwhile), or is
         killed after RELAY_SHUTDOWN_TIMEOUT_S and a grace period."""
+        # First the starts in progress: one that ended after the list below was taken would
+        # be left running (cancelling subprocess_exec kills its process).
+        for task in list(self._restarting):
+            task.cancel()
+        await asyncio.gather(*self._restarting, return_exceptions=True)
         if not self._stopping:
             self.stop_accepting()
         children = list(self._children)
@@ -370,19 +390,20 @@ class RemoteService:
         self._flush_due: asyncio.Handle | None = None
         self._relay_gone = False
 
-    async def _call(self, method: str, *arguments: Any) -> Any:
+    async def _call(self, method: str, *arguments: Any, timeout_s: float | None = None) -> Any:
         if self._relay_gone:
-            raise StoreUnavailable("the relay process is gone")
+            raise RelayUnreachable("the relay process is gone")
+        timeout_s = self._call_timeout_s if timeout_s is None else timeout_s
         request_id = next(self._ids) & 0xFFFFFFFF
         answered: asyncio.Future[tuple[int, bytes]] = asyncio.get_running_loop().create_future()
         self._pending[request_id] = answered
         self._outbox.send(encode(CALL, request_id, orjson.dumps([method, *arguments])))
         try:
-            async with asyncio.timeout(self._call_timeout_s):
+            async with asyncio.timeout(timeout_s):
                 kind, payload = await answered
         except TimeoutError:
-            raise StoreUnavailable(
-                f"the relay process did not answer within {self._call_timeout_s:g} s"
+            raise RelayUnreachable(
+                f"the relay process did not answer within {timeout_s:g} s"
             ) from None
         finally:
             self._pending.pop(request_id, None)
@@ -405,7 +426,7 @@ class RemoteService:
         self._relay_gone = True
         for waiting in self._pending.values():
             if not waiting.done():
-                waiting.set_exception(StoreUnavailable("the relay process is gone"))
+                waiting.set_exception(RelayUnreachable("the relay process is gone"))
 
     async def register(self, new: NewWatch) -> tuple[Watch, bool]:
         fields, created = await self._call("register", new.task_id, new.callback_url, new.metadata)
@@ -431,19 +452,31 @@ class RemoteService:
         return [w for w in map(_watch, found) if w is not None]
 
     async def readiness(self) -> dict[str, str]:
-        checks: dict[str, str] = await self._call("readiness")
+        try:
+            checks: dict[str, str] = await self._call("readiness")
+        except RelayUnreachable:
+            return {"relay": "unavailable"}
         return checks
 
-    async def metrics_page(self, accept: str) -> tuple[bytes, str]:
+    async def metrics_page(self, accept: str, names: list[str]) -> tuple[bytes, str]:
         self.flush()  # this process's requests so far are in the page it gets back
-        body, content_type = await self._call("metrics", accept)
+        body, content_type = await self._call("metrics", accept, names)
         return str(body).encode(), str(content_type)
+
+    async def alive(self) -> bool:
+        try:
+            return bool(await self._call("health", timeout_s=HEALTH_TIMEOUT_S))
+        except RelayUnreachable:
+            return False
 
     def record_http(self, route: str, method: str, status: int, seconds: float) -> None:
         self._event(["h", route, method, status, seconds])
 
-    def store_failed(self, path: str, detail: str) -> None:
-        self._event(["s", path, detail])
+    def store_failed(self, path: str, exc: StoreUnavailable) -> None:
+        if isinstance(exc, RelayUnreachable):  # the store may be fine: say what failed here
+            logs.event(log, "relay_unreachable", logging.ERROR, path=path, detail=str(exc))
+            return
+        self._event(["s", path, str(exc)])
 
     def _event(self, event: list[Any]) -> None:
         # Sent at the end of this turn of the loop, with whatever else goes out in it (one
@@ -468,7 +501,6 @@ def create_api_process_app(config: ApiConfig, service: RemoteService) -> web.App
     app = api.api_application(
         tokens=tuple(t.encode() for t in config.api_tokens),
         policy=policy,
-        metrics_route=api.metrics_from_service,
     )
     app[SERVICE] = service
     return app
@@ -501,6 +533,9 @@ async def _serve(config: ApiConfig, frames_out: int) -> None:
     _, incoming = await loop.connect_read_pipe(
         lambda: IncomingFrames(on_frame, _decoder()), sys.stdin.buffer
     )
+    # The relay never closes a child's stdin itself: an end of it, before or after STOP, means
+    # the relay is gone, and no call will be answered any more.
+    incoming.closed.add_done_callback(lambda _: service.relay_gone())
     runner = web.AppRunner(
         create_api_process_app(config, service),
         access_log=None,
@@ -511,8 +546,6 @@ async def _serve(config: ApiConfig, frames_out: int) -> None:
         await web.TCPSite(runner, config.host, config.port, reuse_port=True).start()
         outbox.send(encode(READY, 0))
         await asyncio.wait((stop, incoming.closed), return_when=asyncio.FIRST_COMPLETED)
-        if not stop.done():
-            service.relay_gone()
     finally:
         # Stop listening, close idle connections, let the requests in flight finish.
         await runner.cleanup()

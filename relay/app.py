@@ -80,9 +80,7 @@ def create_app(
     tokens = tuple(t.value.encode() for t in settings.api_tokens)
     metrics = Metrics(registry)
     policy = CallbackPolicy(allow_nets=settings.callback_allow_nets)
-    app = api.api_application(
-        tokens=tokens, policy=policy, metrics_route=api.metrics_handler(metrics.registry)
-    )
+    app = api.api_application(tokens=tokens, policy=policy)
     app[SETTINGS] = settings
     app[METRICS] = metrics
     app[CLOCK] = clock

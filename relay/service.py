@@ -14,6 +14,7 @@ from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.exposition import choose_encoder
+from prometheus_client.registry import RestrictedRegistry
 
 from relay import logs
 from relay.metrics import Metrics
@@ -45,12 +46,16 @@ class WatchService(Protocol):
     async def readiness(self) -> dict[str, str]:
         """Each check's verdict: "ok" or what is wrong."""
 
-    async def metrics_page(self, accept: str) -> tuple[bytes, str]:
-        """The Prometheus exposition for a scraper sending `accept`: body and content type."""
+    async def metrics_page(self, accept: str, names: list[str]) -> tuple[bytes, str]:
+        """The Prometheus exposition for a scraper sending `accept`, only the families in
+        `names` if any: body and content type."""
+
+    async def alive(self) -> bool:
+        """Whether the relay process answers (always, in the relay process itself)."""
 
     def record_http(self, route: str, method: str, status: int, seconds: float) -> None: ...
 
-    def store_failed(self, path: str, detail: str) -> None:
+    def store_failed(self, path: str, exc: StoreUnavailable) -> None:
         """A request answered 503 because the store failed it: counted and logged once."""
 
 
@@ -131,8 +136,12 @@ class LocalService:
             checks["loops"] = "stopped"
         return checks
 
-    async def metrics_page(self, accept: str) -> tuple[bytes, str]:
-        return exposition(self._metrics.registry, accept)
+    async def metrics_page(self, accept: str, names: list[str]) -> tuple[bytes, str]:
+        registry = self._metrics.registry
+        return exposition(registry.restricted_registry(names) if names else registry, accept)
+
+    async def alive(self) -> bool:
+        return True
 
     def record_http(self, route: str, method: str, status: int, seconds: float) -> None:
         key = (route, method, status)
@@ -145,12 +154,15 @@ class LocalService:
         bound[0].inc()
         bound[1].observe(seconds)
 
-    def store_failed(self, path: str, detail: str) -> None:
+    def store_failed(self, path: str, exc: StoreUnavailable) -> None:
+        self.count_store_failure(path, str(exc))
+
+    def count_store_failure(self, path: str, detail: str) -> None:
         self._metrics.store_errors.inc()
         logs.event(log, "store_unavailable", logging.ERROR, path=path, detail=detail)
 
 
-def exposition(registry: CollectorRegistry, accept: str) -> tuple[bytes, str]:
+def exposition(registry: CollectorRegistry | RestrictedRegistry, accept: str) -> tuple[bytes, str]:
     """The registry in the format `accept` asks for; the text format if it cannot be parsed."""
     try:
         encoder, content_type = choose_encoder(accept)

@@ -8,15 +8,19 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import sys
 from collections import Counter
 from pathlib import Path
 
 import aiohttp
+import orjson
 import pytest
 from aiohttp import web
 
+from relay.apiprocs import CALL, CONFIG, LAST_KIND, MAX_PAYLOAD, READY, STOP, ApiConfig
 from relay.fake_upstream import Schedule, create_fake_upstream_app
-from tests.processes import RelayProcess, alive, child_pids, loopback, settle
+from relay.frames import FrameDecoder, encode
+from tests.processes import RelayProcess, alive, child_pids, free_port, loopback, settle
 
 pytestmark = pytest.mark.slow
 
@@ -178,3 +182,56 @@ async def test_api_processes_serve_the_port_and_lose_nothing_through_a_kill(
         finally:
             if relay.proc is not None and relay.proc.returncode is None:
                 await relay.stop()
+
+
+async def test_an_api_process_whose_relay_dies_during_its_drain_answers_503_at_once(
+    tmp_path: Path,
+) -> None:
+    """The relay sent STOP, then died (kill -9 past its grace period): the request still waiting
+    for its answer gets a 503 store-unavailable, not a connection cut after the drain timeout."""
+    port = free_port()
+    config = ApiConfig(
+        host="127.0.0.1",
+        port=port,
+        api_tokens=(),
+        callback_allow_nets=("127.0.0.0/8",),
+        shutdown_timeout_s=60.0,
+        event_loop="asyncio",
+        log_level="INFO",
+    )
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "relay", "api-process",
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert child.stdin is not None
+    assert child.stdout is not None
+    try:
+        child.stdin.write(encode(CONFIG, 0, orjson.dumps(config)))
+        decoder = FrameDecoder(last_kind=LAST_KIND, max_payload=MAX_PAYLOAD)
+
+        async def next_frame() -> tuple[int, int, int, bytes]:
+            while True:
+                frames = decoder.feed(await child.stdout.read(65536))  # type: ignore[union-attr]
+                if frames:
+                    assert 1 == len(frames)
+                    return frames[0]
+
+        assert READY == (await asyncio.wait_for(next_frame(), 20))[0]
+        async with aiohttp.ClientSession() as session:
+            payload = {"taskId": "tk-hiapi-gone", "callbackUrl": "http://127.0.0.1:9/h"}
+            posting = asyncio.ensure_future(
+                session.post(f"http://127.0.0.1:{port}/watch", json=payload)
+            )
+            kind, _, _, call = await asyncio.wait_for(next_frame(), 20)
+            assert CALL == kind
+            assert "register" == orjson.loads(call)[0]
+            child.stdin.write(encode(STOP, 0))  # never answered: the relay dies now
+            child.stdin.close()
+            async with await asyncio.wait_for(posting, 20) as response:
+                assert 503 == response.status
+                assert "store-unavailable" in (await response.json())["type"]
+        assert 0 == await asyncio.wait_for(child.wait(), 20)
+    finally:
+        if child.returncode is None:
+            child.kill()
+            await child.wait()

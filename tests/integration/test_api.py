@@ -1216,6 +1216,21 @@ def http_count(relay: Relay, route: str, method: str, code: int) -> float:
     return relay.sample("relay_http_requests_total", labels) or 0.0
 
 
+async def test_metrics_pick_families_by_name_and_gzip_when_accepted(relay: Relay) -> None:
+    """What prometheus_client's own handler does: `name[]` filters, gzip when accepted."""
+    await relay.register("tk-hiapi-m1", "http://127.0.0.1:9/hook")
+    response = await relay.client.get(
+        "/metrics",
+        params=[("name[]", "relay_watches_registered_total")],
+        headers={"Accept-Encoding": "gzip"},
+    )
+    assert 200 == response.status
+    assert "gzip" == response.headers["Content-Encoding"]
+    assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    samples = [line for line in (await response.text()).splitlines() if not line.startswith("#")]
+    assert ["relay_watches_registered_total 1.0"] == samples
+
+
 async def test_a_crashing_handler_answers_500_revealing_nothing_logs_it_and_counts_it(
     relay: Relay, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -10,7 +10,7 @@ import sys
 import orjson
 import pytest
 
-from relay.apiprocs import CALL, CONFIG, EVENTS, FAILED, RESULT, RemoteService
+from relay.apiprocs import CALL, CONFIG, EVENTS, FAILED, RESULT, RelayUnreachable, RemoteService
 from relay.frames import HEADER, encode
 from relay.models import NewWatch
 from relay.store.base import StoreConflict, StoreUnavailable
@@ -68,10 +68,24 @@ async def test_each_failure_the_relay_answers_is_raised_as_the_handlers_expect(
         assert failure[1] == str(caught.value)
 
 
-async def test_a_call_the_relay_never_answers_ends_as_store_unavailable() -> None:
-    remote = RemoteService(Sent(), call_timeout_s=0.01)
-    with pytest.raises(StoreUnavailable, match=r"did not answer within 0\.01 s"):
-        await remote.readiness()
+async def test_a_call_the_relay_never_answers_ends_as_a_503_not_counted_as_a_store_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    sent = Sent()
+    remote = RemoteService(sent, call_timeout_s=0.01)
+    with pytest.raises(StoreUnavailable, match=r"did not answer within 0\.01 s") as caught:
+        await remote.get("wt_" + "0" * 32)
+    remote.store_failed("/watch/x", caught.value)  # what the API's error path does with it
+    await asyncio.sleep(0)
+    assert [] == [kind for kind, _, _ in sent.frames if kind == EVENTS]
+    assert ["relay_unreachable"] == [r.getMessage() for r in caplog.records]
+
+
+async def test_readiness_and_liveness_say_so_when_the_relay_is_gone() -> None:
+    remote = RemoteService(Sent())
+    remote.relay_gone()
+    assert {"relay": "unavailable"} == await remote.readiness()
+    assert not await remote.alive()
 
 
 async def test_when_the_relay_is_gone_waiting_and_later_calls_fail_as_store_unavailable() -> None:
@@ -81,7 +95,7 @@ async def test_when_the_relay_is_gone_waiting_and_later_calls_fail_as_store_unav
     while not sent.frames:
         await asyncio.sleep(0)
     remote.relay_gone()
-    with pytest.raises(StoreUnavailable, match="gone"):
+    with pytest.raises(RelayUnreachable, match="gone"):
         await waiting
     with pytest.raises(StoreUnavailable, match="gone"):
         await remote.get("wt_" + "0" * 32)
@@ -98,7 +112,7 @@ async def test_request_counts_leave_together_at_the_end_of_the_loop_turn() -> No
     remote = RemoteService(sent)
     remote.record_http("/watch", "POST", 201, 0.002)
     remote.record_http("/watch", "POST", 422, 0.001)
-    remote.store_failed("/watch", "sqlite: locked")
+    remote.store_failed("/watch", StoreUnavailable("sqlite: locked"))
     assert [] == sent.frames
     await asyncio.sleep(0)
     assert [
