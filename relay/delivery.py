@@ -295,13 +295,16 @@ class Deliverer(WorkLoop[DeliveryJob]):
         metrics.callback_duration.observe(time.perf_counter() - started)
         now = self._clock()
         record = plan_after_delivery(item, result, now=now, rand=self._rand(), policy=self._policy)
-        await self._store.record_deliveries([record], now=now)
+        applied = await self._store.record_deliveries([record], now=now)
         metrics.callback_attempts.labels(record.outcome.value).inc()
-        if record.outcome is DeliveryOutcome.DELIVERED:
-            metrics.terminal_to_delivered.observe(max(0.0, now - item.event_at))
-            metrics.watches_finished.labels("delivered").inc()
-        elif record.outcome is DeliveryOutcome.GAVE_UP:
-            metrics.watches_finished.labels("failed").inc()
+        # Not applied: the watch was cancelled while its attempt was out; it ended, and was
+        # counted, as cancelled.
+        if item.watch_id in applied:
+            if record.outcome is DeliveryOutcome.DELIVERED:
+                metrics.terminal_to_delivered.observe(max(0.0, now - item.event_at))
+                metrics.watches_finished.labels("delivered").inc()
+            elif record.outcome is DeliveryOutcome.GAVE_UP:
+                metrics.watches_finished.labels("failed").inc()
         logs.event(
             self.log,
             "callback_" + record.outcome.value,

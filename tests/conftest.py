@@ -112,6 +112,9 @@ class Receiver:
     requests: list[Received] = field(default_factory=list)
     scripts: dict[str, list[int]] = field(default_factory=dict)
     delays: dict[str, float] = field(default_factory=dict)
+    # A path with a gate answers only once the test opens it; `arrived` is set on its request.
+    gates: dict[str, asyncio.Event] = field(default_factory=dict)
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
 
     def at(self, path: str) -> str:
         return f"{self.url}{path}"
@@ -125,6 +128,10 @@ class Receiver:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
         self.requests.append(Received(request.path, dict(request.headers), body))
+        self.arrived.set()
+        gate = self.gates.get(request.path)
+        if gate is not None:
+            await gate.wait()
         delay = self.delays.get(request.path)
         if delay:
             await asyncio.sleep(delay)

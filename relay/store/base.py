@@ -71,7 +71,9 @@ class Store(Protocol):
         self, *, now: float, limit: int, lease_s: float
     ) -> list[DeliveryJob]: ...
 
-    async def record_deliveries(self, records: Sequence[DeliveryRecord], *, now: float) -> None: ...
+    async def record_deliveries(self, records: Sequence[DeliveryRecord], *, now: float) -> set[str]:
+        """Apply each attempt's outcome to its watch if it is still delivering; the watch ids
+        applied (a watch cancelled while its attempt was out keeps its state, and is not in it)."""
 
     async def release_tasks(self, task_ids: Sequence[str], *, due_at: float) -> None:
         """Hand claimed poll streams back before their lease ends (a stop cut their poll short)."""

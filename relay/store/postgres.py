@@ -570,24 +570,30 @@ class PostgresStore:
 
         return await self._run(claim)
 
-    async def record_deliveries(self, records: Sequence[DeliveryRecord], *, now: float) -> None:
+    async def record_deliveries(self, records: Sequence[DeliveryRecord], *, now: float) -> set[str]:
         if not records:
-            return
+            return set()
 
-        async def record(conn: Conn) -> None:
-            # `state = 'delivering'` fences out a watch cancelled while its attempt was in flight.
+        async def record(conn: Conn) -> set[str]:
+            applied = set()
             # Watch id order, so two replicas recording overlapping batches cannot deadlock.
-            await conn.executemany(
-                "UPDATE watches SET state = $1, delivery_attempts = delivery_attempts + 1,"
-                " next_delivery_at = $2, last_error = $3, updated_at = $4"
-                " WHERE watch_id = $5 AND state = 'delivering'",
-                [
-                    (_NEW_STATE[r.outcome].value, r.next_attempt_at, r.last_error, now, r.watch_id)
-                    for r in sorted(records, key=lambda r: r.watch_id)
-                ],
-            )
+            for r in sorted(records, key=lambda r: r.watch_id):
+                # `state = 'delivering'` fences out a watch cancelled while its attempt was out.
+                found = await conn.fetchval(
+                    "UPDATE watches SET state = $1, delivery_attempts = delivery_attempts + 1,"
+                    " next_delivery_at = $2, last_error = $3, updated_at = $4"
+                    " WHERE watch_id = $5 AND state = 'delivering' RETURNING watch_id",
+                    _NEW_STATE[r.outcome].value,
+                    r.next_attempt_at,
+                    r.last_error,
+                    now,
+                    r.watch_id,
+                )
+                if found is not None:
+                    applied.add(r.watch_id)
+            return applied
 
-        await self._run(record, tx=True)
+        return await self._run(record, tx=True)
 
     async def release_tasks(self, task_ids: Sequence[str], *, due_at: float) -> None:
         async def release(conn: Conn) -> None:

@@ -109,6 +109,13 @@ _SELECT_WATCH = f"""
 """
 
 
+_NEW_STATE = {
+    DeliveryOutcome.DELIVERED: WatchState.DELIVERED,
+    DeliveryOutcome.RETRY: WatchState.DELIVERING,
+    DeliveryOutcome.GAVE_UP: WatchState.FAILED,
+}
+
+
 class SQLiteStore:
     def __init__(
         self, path: str, *, synchronous: str = "NORMAL", busy_timeout_ms: int = 5_000
@@ -609,32 +616,22 @@ class SQLiteStore:
 
         return await self._write(claim)
 
-    async def record_deliveries(self, records: Sequence[DeliveryRecord], *, now: float) -> None:
-        new_state = {
-            DeliveryOutcome.DELIVERED: WatchState.DELIVERED,
-            DeliveryOutcome.RETRY: WatchState.DELIVERING,
-            DeliveryOutcome.GAVE_UP: WatchState.FAILED,
-        }
+    async def record_deliveries(self, records: Sequence[DeliveryRecord], *, now: float) -> set[str]:
+        def record(conn: sqlite3.Connection) -> set[str]:
+            applied = set()
+            for r in records:
+                # `state = 'delivering'` fences out a watch cancelled while its attempt was out.
+                updated = conn.execute(
+                    "UPDATE watches SET state = ?, delivery_attempts = delivery_attempts + 1,"
+                    " next_delivery_at = ?, last_error = ?, updated_at = ?"
+                    " WHERE watch_id = ? AND state = 'delivering'",
+                    (_NEW_STATE[r.outcome].value, r.next_attempt_at, r.last_error, now, r.watch_id),
+                )
+                if updated.rowcount:
+                    applied.add(r.watch_id)
+            return applied
 
-        def record(conn: sqlite3.Connection) -> None:
-            # `state = 'delivering'` fences out a watch cancelled while its attempt was in flight.
-            conn.executemany(
-                "UPDATE watches SET state = ?, delivery_attempts = delivery_attempts + 1,"
-                " next_delivery_at = ?, last_error = ?, updated_at = ?"
-                " WHERE watch_id = ? AND state = 'delivering'",
-                [
-                    (
-                        new_state[r.outcome].value,
-                        r.next_attempt_at,
-                        r.last_error,
-                        now,
-                        r.watch_id,
-                    )
-                    for r in records
-                ],
-            )
-
-        await self._write(record)
+        return await self._write(record)
 
     async def release_tasks(self, task_ids: Sequence[str], *, due_at: float) -> None:
         def release(conn: sqlite3.Connection) -> None:

@@ -3,6 +3,7 @@ and the loops driven one tick at a time on a fake clock."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -411,6 +412,31 @@ async def test_cancelled_watch_gets_no_callback_and_other_watchers_still_do(
     await relay.step(2.0)
     assert ["/b"] == [r.path for r in receiver.requests]
     assert "cancelled" == (await relay.watch(first["watchId"]))["state"]
+
+
+async def test_a_watch_cancelled_while_its_callback_is_out_counts_as_cancelled_only(
+    relay: Relay, upstream: Upstream, receiver: Receiver
+) -> None:
+    """The receiver answers 2xx after the watch was cancelled: the attempt is counted, the watch
+    stays cancelled, and it ends once in relay_watches_finished_total (as cancelled)."""
+    await upstream.flip(TASK, "success")
+    watch = await relay.register(TASK, receiver.at("/slow"))
+    receiver.gates["/slow"] = gate = asyncio.Event()
+    await relay.poll()
+    delivering = asyncio.ensure_future(relay.deliver())
+    await receiver.arrived.wait()
+    response = await relay.client.delete(f"/watch/{watch['watchId']}")
+    assert 204 == response.status
+    gate.set()
+    await delivering
+
+    assert "cancelled" == (await relay.watch(watch["watchId"]))["state"]
+    assert 1 == relay.sample("relay_callback_attempts_total", {"outcome": "delivered"})
+    finished = {
+        result: relay.sample("relay_watches_finished_total", {"result": result})
+        for result in ("delivered", "failed", "cancelled")
+    }
+    assert {"delivered": 0, "failed": 0, "cancelled": 1} == finished
 
 
 def _epoch(iso: str) -> float:

@@ -597,10 +597,11 @@ async def test_recorded_attempt_sets_state_attempts_next_time_and_error(
     await store.apply_poll_results([finish()], now=T0 + 1)
     await deliver_now(store, "wt_01", T0 + 2)
 
-    await store.record_deliveries(
+    recorded = await store.record_deliveries(
         [record("wt_01", outcome, next_attempt_at, "receiver answered 500")], now=T0 + 3
     )
 
+    assert {"wt_01"} == recorded
     watch = await get(store, "wt_01")
     assert (state, 1, "receiver answered 500", T0 + 3) == (
         watch.state,
@@ -634,9 +635,11 @@ async def test_record_for_a_watch_cancelled_mid_attempt_is_ignored(store: Store)
     await deliver_now(store, "wt_01", T0 + 2)
     await store.cancel_watch("wt_01", now=T0 + 3)
 
-    await store.record_deliveries(
+    recorded = await store.record_deliveries(
         [record("wt_01", DeliveryOutcome.DELIVERED, last_error=None)], now=T0 + 4
     )
+
+    assert set() == recorded  # the deliverer counts no delivered watch for it
 
     watch = await get(store, "wt_01")
     assert (WatchState.CANCELLED, 0, T0 + 3) == (
