@@ -199,11 +199,11 @@ class Deliverer(WorkLoop[DeliveryJob]):
     async def _claim(self, now: float, free: int) -> list[DeliveryJob]:
         jobs = await self._store.claim_due_deliveries(now=now, limit=free, lease_s=self._lease_s)
         accepted: list[DeliveryJob] = []
-        busy: dict[str, list[str]] = {}
+        busy: dict[str, list[DeliveryJob]] = {}
         for job in jobs:
             host = receiver_key(job.callback_url)
             if self._host_in_flight[host] >= self._per_host:
-                busy.setdefault(host, []).append(job.watch_id)
+                busy.setdefault(host, []).append(job)
                 continue
             self._host_in_flight[host] += 1  # given back when the attempt ends (_handle)
             accepted.append(job)
@@ -214,7 +214,8 @@ class Deliverer(WorkLoop[DeliveryJob]):
             deferred_to = now + self._busy_defer_s
             try:
                 await self._store.defer_deliveries(
-                    [i for ids in busy.values() for i in ids], due_at=deferred_to
+                    [(j.watch_id, j.lease_until) for waiting in busy.values() for j in waiting],
+                    due_at=deferred_to,
                 )
             except StoreUnavailable as exc:
                 # The accepted ones hold receiver slots already and must still run (their
@@ -223,10 +224,11 @@ class Deliverer(WorkLoop[DeliveryJob]):
                 self._store_unavailable(exc)
             else:
                 self._metrics.callbacks_deferred.labels("receiver_busy").inc(
-                    sum(len(ids) for ids in busy.values())
+                    sum(len(waiting) for waiting in busy.values())
                 )
-                for host, ids in busy.items():
-                    self._parked.setdefault(host, {}).setdefault(deferred_to, []).extend(ids)
+                for host, waiting in busy.items():
+                    parked = self._parked.setdefault(host, {}).setdefault(deferred_to, [])
+                    parked.extend(j.watch_id for j in waiting)
                     # Its last attempt may have ended while the deferral was being written.
                     if self._host_in_flight[host] < self._per_host:
                         await self._unpark(host)
@@ -267,7 +269,7 @@ class Deliverer(WorkLoop[DeliveryJob]):
             self.wake()
 
     async def _hand_back(self, items: list[DeliveryJob], now: float) -> None:
-        await self._store.defer_deliveries([j.watch_id for j in items], due_at=now)
+        await self._store.defer_deliveries([(j.watch_id, j.lease_until) for j in items], due_at=now)
         self._metrics.callbacks_deferred.labels("handed_back").inc(len(items))
 
     async def _next_due_at(self, now: float) -> float | None:

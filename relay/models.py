@@ -120,6 +120,9 @@ class TaskClaim:
     error_streak: int
     first_not_found_at: float | None
     due_at: float
+    # The stream's next_poll_at as this claim set it: a write meant for this claim alone (a hand
+    # back) applies only while it is still there, not after another claimer took the stream.
+    lease_until: float
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -158,6 +161,8 @@ class DeliveryJob:
     event_at: float
     attempts: int
     due_at: float
+    # The watch's next_delivery_at as this claim set it (see TaskClaim.lease_until).
+    lease_until: float
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

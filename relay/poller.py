@@ -181,7 +181,7 @@ class Poller(ClaimLoop[TaskClaim]):
             await asyncio.sleep(self._bucket.wait_s(now))
 
     async def _hand_back(self, items: list[TaskClaim], now: float) -> None:
-        await self._store.release_tasks([c.task_id for c in items], due_at=now)
+        await self._store.release_tasks([(c.task_id, c.lease_until) for c in items], due_at=now)
 
     @property
     def in_flight(self) -> int:

@@ -75,12 +75,16 @@ class Store(Protocol):
         """Apply each attempt's outcome to its watch if it is still delivering; the watch ids
         applied (a watch cancelled while its attempt was out keeps its state, and is not in it)."""
 
-    async def release_tasks(self, task_ids: Sequence[str], *, due_at: float) -> None:
-        """Hand claimed poll streams back before their lease ends (a stop cut their poll short)."""
+    async def release_tasks(self, held: Sequence[tuple[str, float]], *, due_at: float) -> None:
+        """Hand claimed poll streams back before their lease ends (a stop cut their poll short):
+        each (task id, its claim's lease_until). A stream whose lease has moved since (its lease
+        ran out and another claimer took it) is left alone."""
 
-    async def defer_deliveries(self, watch_ids: Sequence[str], *, due_at: float) -> None:
+    async def defer_deliveries(self, held: Sequence[tuple[str, float]], *, due_at: float) -> None:
         """Move claimed callbacks to `due_at` without counting an attempt (handed back, or their
-        receiver already has its share of attempts in flight)."""
+        receiver already has its share of attempts in flight): each (watch id, its claim's
+        lease_until). A callback whose lease has moved since (another claimer took it, or its
+        attempt was recorded) is left alone: a late hand-back must not undo their work."""
 
     async def hasten_deliveries(
         self, watch_ids: Sequence[str], *, deferred_to: float, due_at: float

@@ -479,8 +479,9 @@ class PostgresStore:
 
     async def claim_due_tasks(self, *, now: float, limit: int, lease_s: float) -> list[TaskClaim]:
         async def claim(conn: Conn) -> list[TaskClaim]:
-            rows = await conn.fetch(_CLAIM_TASKS, now, limit, now + lease_s)
-            claims = [claim_from_row(r) for r in rows]
+            lease_until = now + lease_s
+            rows = await conn.fetch(_CLAIM_TASKS, now, limit, lease_until)
+            claims = [claim_from_row(r, lease_until) for r in rows]
             # RETURNING has no order of its own.
             claims.sort(key=lambda c: (c.due_at, c.task_id))
             return claims
@@ -562,8 +563,9 @@ class PostgresStore:
         self, *, now: float, limit: int, lease_s: float
     ) -> list[DeliveryJob]:
         async def claim(conn: Conn) -> list[DeliveryJob]:
-            rows = await conn.fetch(_CLAIM_DELIVERIES, now, limit, now + lease_s)
-            jobs = [job_from_row(r) for r in rows]
+            lease_until = now + lease_s
+            rows = await conn.fetch(_CLAIM_DELIVERIES, now, limit, lease_until)
+            jobs = [job_from_row(r, lease_until) for r in rows]
             # RETURNING has no order of its own.
             jobs.sort(key=lambda j: (j.due_at, j.watch_id))
             return jobs
@@ -595,27 +597,35 @@ class PostgresStore:
 
         return await self._run(record, tx=True)
 
-    async def release_tasks(self, task_ids: Sequence[str], *, due_at: float) -> None:
+    async def release_tasks(self, held: Sequence[tuple[str, float]], *, due_at: float) -> None:
         async def release(conn: Conn) -> None:
+            ordered = sorted(held)
             await conn.execute(
-                "UPDATE tasks SET next_poll_at = $1 WHERE task_id = ANY($2::text[])",
+                "UPDATE tasks t SET next_poll_at = $1"
+                " FROM unnest($2::text[], $3::float8[]) AS h(task_id, lease_until)"
+                " WHERE t.task_id = h.task_id AND t.next_poll_at = h.lease_until",
                 due_at,
-                sorted(task_ids),
+                [task_id for task_id, _ in ordered],
+                [lease_until for _, lease_until in ordered],
             )
 
-        if task_ids:
+        if held:
             await self._run(release)
 
-    async def defer_deliveries(self, watch_ids: Sequence[str], *, due_at: float) -> None:
+    async def defer_deliveries(self, held: Sequence[tuple[str, float]], *, due_at: float) -> None:
         async def defer(conn: Conn) -> None:
+            ordered = sorted(held)
             await conn.execute(
-                "UPDATE watches SET next_delivery_at = $1"
-                " WHERE watch_id = ANY($2::text[]) AND state = 'delivering'",
+                "UPDATE watches w SET next_delivery_at = $1"
+                " FROM unnest($2::text[], $3::float8[]) AS h(watch_id, held_until)"
+                " WHERE w.watch_id = h.watch_id AND w.state = 'delivering'"
+                " AND w.next_delivery_at = h.held_until",
                 due_at,
-                sorted(watch_ids),
+                [watch_id for watch_id, _ in ordered],
+                [held_until for _, held_until in ordered],
             )
 
-        if watch_ids:
+        if held:
             await self._run(defer)
 
     async def hasten_deliveries(

@@ -89,9 +89,9 @@ def task_update_params(update: TaskUpdate, now: float) -> tuple[Any, ...]:
     )
 
 
-def claim_from_row(row: Row) -> TaskClaim:
+def claim_from_row(row: Row, lease_until: float) -> TaskClaim:
     """A TaskClaim from the stores' claim: task id, polls, interval, error streak, first
-    not-found, and the due time before the claim moved it."""
+    not-found, and the due time before the claim moved it to `lease_until`."""
     return TaskClaim(
         task_id=row[0],
         polls=row[1],
@@ -99,10 +99,11 @@ def claim_from_row(row: Row) -> TaskClaim:
         error_streak=row[3],
         first_not_found_at=row[4],
         due_at=row[5],
+        lease_until=lease_until,
     )
 
 
-def job_from_row(row: Row) -> DeliveryJob:
+def job_from_row(row: Row, lease_until: float) -> DeliveryJob:
     """A DeliveryJob from the stores' delivery claim: watch, task, url, metadata, event type,
     task data, event time, attempts, and the due time before the claim moved it."""
     return DeliveryJob(
@@ -115,4 +116,5 @@ def job_from_row(row: Row) -> DeliveryJob:
         event_at=row[6],
         attempts=row[7],
         due_at=row[8],
+        lease_until=lease_until,
     )

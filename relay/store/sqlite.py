@@ -527,11 +527,12 @@ class SQLiteStore:
                 " next_poll_at FROM tasks WHERE next_poll_at <= ? ORDER BY next_poll_at LIMIT ?",
                 (now, limit),
             ).fetchall()
+            lease_until = now + lease_s
             conn.executemany(
                 "UPDATE tasks SET next_poll_at = ? WHERE task_id = ?",
-                [(now + lease_s, r[0]) for r in rows],
+                [(lease_until, r[0]) for r in rows],
             )
-            return [claim_from_row(r) for r in rows]
+            return [claim_from_row(r, lease_until) for r in rows]
 
         return await self._write(claim)
 
@@ -608,11 +609,12 @@ class SQLiteStore:
                 " AND next_delivery_at <= ? ORDER BY next_delivery_at LIMIT ?",
                 (now, limit),
             ).fetchall()
+            lease_until = now + lease_s
             conn.executemany(
                 "UPDATE watches SET next_delivery_at = ? WHERE watch_id = ?",
-                [(now + lease_s, r[0]) for r in rows],
+                [(lease_until, r[0]) for r in rows],
             )
-            return [job_from_row(r) for r in rows]
+            return [job_from_row(r, lease_until) for r in rows]
 
         return await self._write(claim)
 
@@ -633,24 +635,25 @@ class SQLiteStore:
 
         return await self._write(record)
 
-    async def release_tasks(self, task_ids: Sequence[str], *, due_at: float) -> None:
+    async def release_tasks(self, held: Sequence[tuple[str, float]], *, due_at: float) -> None:
         def release(conn: sqlite3.Connection) -> None:
             conn.executemany(
-                "UPDATE tasks SET next_poll_at = ? WHERE task_id = ?",
-                [(due_at, task_id) for task_id in task_ids],
+                "UPDATE tasks SET next_poll_at = ? WHERE task_id = ? AND next_poll_at = ?",
+                [(due_at, task_id, lease_until) for task_id, lease_until in held],
             )
 
-        if task_ids:
+        if held:
             await self._write(release)
 
-    async def defer_deliveries(self, watch_ids: Sequence[str], *, due_at: float) -> None:
+    async def defer_deliveries(self, held: Sequence[tuple[str, float]], *, due_at: float) -> None:
         def defer(conn: sqlite3.Connection) -> None:
             conn.executemany(
-                "UPDATE watches SET next_delivery_at = ? WHERE watch_id = ? AND state = 'delivering'",
-                [(due_at, watch_id) for watch_id in watch_ids],
+                "UPDATE watches SET next_delivery_at = ?"
+                " WHERE watch_id = ? AND state = 'delivering' AND next_delivery_at = ?",
+                [(due_at, watch_id, held_until) for watch_id, held_until in held],
             )
 
-        if watch_ids:
+        if held:
             await self._write(defer)
 
     async def hasten_deliveries(

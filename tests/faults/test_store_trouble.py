@@ -505,11 +505,11 @@ async def test_a_store_failure_while_deferring_busy_callbacks_strands_no_receive
     real_defer = store.defer_deliveries
     failures = []
 
-    async def defer_failing_once(watch_ids: list[str], *, due_at: float) -> None:
+    async def defer_failing_once(held: list[tuple[str, float]], *, due_at: float) -> None:
         if not failures:
-            failures.append(watch_ids)
+            failures.append(held)
             raise StoreUnavailable("sqlite: database is locked")
-        await real_defer(watch_ids, due_at=due_at)
+        await real_defer(held, due_at=due_at)
 
     monkeypatch.setattr(store, "defer_deliveries", defer_failing_once)
     arrived = []

@@ -580,8 +580,8 @@ async def test_a_receiver_freed_while_its_callbacks_were_being_parked_gets_them_
     deliverer._host_in_flight[receiver_key(receiver.at("/"))] = 1  # an attempt in flight
     real_defer = relay.store.defer_deliveries
 
-    async def defer_while_the_attempt_ends(watch_ids: list[str], *, due_at: float) -> None:
-        await real_defer(watch_ids, due_at=due_at)
+    async def defer_while_the_attempt_ends(held: list[tuple[str, float]], *, due_at: float) -> None:
+        await real_defer(held, due_at=due_at)
         deliverer._host_in_flight.clear()  # ended, and found nothing parked yet
 
     monkeypatch.setattr(relay.store, "defer_deliveries", defer_while_the_attempt_ends)

@@ -251,6 +251,7 @@ async def test_register_commits_a_watching_watch_and_a_poll_stream_due_now(store
             error_streak=0,
             first_not_found_at=None,
             due_at=T0,
+            lease_until=T0 + LEASE,
         )
     ] == await store.claim_due_tasks(now=T0, limit=10, lease_s=LEASE)
 
@@ -465,6 +466,7 @@ async def test_task_update_reschedules_counts_the_poll_and_keeps_the_last_known_
             error_streak=2,
             first_not_found_at=T0 + 4,
             due_at=T0 + 20,
+            lease_until=T0 + 20 + LEASE,
         )
     ] == await store.claim_due_tasks(now=T0 + 20, limit=10, lease_s=LEASE)
 
@@ -980,9 +982,22 @@ async def test_released_stream_is_due_again_at_once(store: Store) -> None:
     await register(store, "wt_1")
     [claim] = await store.claim_due_tasks(now=T0, limit=10, lease_s=LEASE)
     assert [] == await store.claim_due_tasks(now=T0 + 1, limit=10, lease_s=LEASE)
-    await store.release_tasks([claim.task_id], due_at=T0 + 1)
+    await store.release_tasks([(claim.task_id, claim.lease_until)], due_at=T0 + 1)
     [again] = await store.claim_due_tasks(now=T0 + 1, limit=10, lease_s=LEASE)
     assert (TASK_A, T0 + 1, 0) == (again.task_id, again.due_at, again.polls)
+
+
+async def test_a_late_hand_back_leaves_a_stream_another_claim_holds(store: Store) -> None:
+    """A poller whose lease ran out (a paused replica) hands its stream back after another took
+    it: the other's lease stands, so the stream is not polled twice at once."""
+    await register(store, "wt_1")
+    [stale] = await store.claim_due_tasks(now=T0, limit=10, lease_s=LEASE)
+    [current] = await store.claim_due_tasks(now=T0 + LEASE, limit=10, lease_s=LEASE)
+
+    await store.release_tasks([(stale.task_id, stale.lease_until)], due_at=T0 + LEASE + 1)
+
+    assert [] == await store.claim_due_tasks(now=T0 + LEASE + 1, limit=10, lease_s=LEASE)
+    assert current.lease_until == await store.next_poll_due_at()
 
 
 async def test_deferred_callback_comes_back_without_an_attempt_counted(store: Store) -> None:
@@ -993,11 +1008,33 @@ async def test_deferred_callback_comes_back_without_an_attempt_counted(store: St
     jobs = await store.claim_due_deliveries(now=T0 + 2, limit=10, lease_s=LEASE)
     assert ["wt_1", "wt_2"] == sorted(j.watch_id for j in jobs)
     await store.cancel_watch("wt_2", now=T0 + 2)
-    await store.defer_deliveries(["wt_1", "wt_2"], due_at=T0 + 3)
+    await store.defer_deliveries([(j.watch_id, j.lease_until) for j in jobs], due_at=T0 + 3)
 
     [job] = await store.claim_due_deliveries(now=T0 + 3, limit=10, lease_s=LEASE)
     assert ("wt_1", 0, T0 + 3) == (job.watch_id, job.attempts, job.due_at)
     assert WatchState.CANCELLED == (await get(store, "wt_2")).state
+
+
+async def test_a_late_hand_back_leaves_a_callback_another_claim_holds(store: Store) -> None:
+    """A deliverer whose lease ran out hands its callback back after another took it: the
+    other's lease stands (no second attempt at once), and a recorded attempt's next time too."""
+    await register(store, "wt_1")
+    await register(store, "wt_2", callback_url=HOOK + "/2")
+    await store.apply_poll_results([finish()], now=T0 + 1)
+    stale = await store.claim_due_deliveries(now=T0 + 2, limit=10, lease_s=LEASE)
+    current = await store.claim_due_deliveries(now=T0 + 2 + LEASE, limit=10, lease_s=LEASE)
+    by_id = {j.watch_id: j for j in current}
+    await store.record_deliveries(
+        [record("wt_2", DeliveryOutcome.RETRY, T0 + 1000, "Retry-After: 900")], now=T0 + 40
+    )
+
+    await store.defer_deliveries([(j.watch_id, j.lease_until) for j in stale], due_at=T0 + 41)
+
+    assert [] == await store.claim_due_deliveries(now=T0 + 41, limit=10, lease_s=LEASE)
+    assert by_id["wt_1"].lease_until == await store.next_delivery_due_at()
+    # wt_1 comes back when the current lease ends; wt_2 keeps the receiver's Retry-After.
+    late = await store.claim_due_deliveries(now=T0 + 999, limit=10, lease_s=LEASE)
+    assert ["wt_1"] == [j.watch_id for j in late]
 
 
 async def test_hastened_callbacks_are_due_at_once_unless_their_due_time_moved_since(
@@ -1008,8 +1045,8 @@ async def test_hastened_callbacks_are_due_at_once_unless_their_due_time_moved_si
     for n in (1, 2):
         await register(store, f"wt_{n}", callback_url=f"{HOOK}/{n}")
     await store.apply_poll_results([finish()], now=T0 + 1)
-    await store.claim_due_deliveries(now=T0 + 2, limit=10, lease_s=LEASE)
-    await store.defer_deliveries(["wt_1", "wt_2"], due_at=T0 + 3)
+    claimed = await store.claim_due_deliveries(now=T0 + 2, limit=10, lease_s=LEASE)
+    await store.defer_deliveries([(j.watch_id, j.lease_until) for j in claimed], due_at=T0 + 3)
     [reclaimed] = await store.claim_due_deliveries(now=T0 + 3, limit=1, lease_s=LEASE)
 
     await store.hasten_deliveries(["wt_1", "wt_2"], deferred_to=T0 + 3, due_at=T0 + 2.5)

@@ -505,6 +505,7 @@ async def test_a_refused_callback_says_why_without_the_addresses(receiver: Recei
         event_at=1_700_000_000.0,
         attempts=0,
         due_at=1_700_000_000.0,
+        lease_until=1_700_000_060.0,
     )
     async with aiohttp.ClientSession(connector=connector) as session:
         result = await CallbackSender(session, keys=[], timeout_s=5).send(job, now=job.event_at)

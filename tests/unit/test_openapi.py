@@ -141,6 +141,7 @@ def test_watch_and_callback_schemas_name_exactly_the_fields_sent() -> None:
         watch_id=watch.watch_id, task_id=watch.task_id, callback_url=watch.callback_url,
         metadata=None, event_type=EventType.SUCCESS, task_data={}, event_at=0.0, attempts=0,
         due_at=0.0,
+        lease_until=60.0,
     )  # fmt: skip
     event = orjson.loads(callback_body(job))
     event_schema = SCHEMAS["CallbackEvent"]

@@ -82,6 +82,7 @@ def claim(
         error_streak=error_streak,
         first_not_found_at=first_not_found_at,
         due_at=NOW,
+        lease_until=NOW + 60.0,
     )
 
 
@@ -104,6 +105,7 @@ def job(attempts: int = 0) -> DeliveryJob:
         event_at=NOW - 10.0,
         attempts=attempts,
         due_at=NOW,
+        lease_until=NOW + 60.0,
     )
 
 
