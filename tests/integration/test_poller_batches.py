@@ -10,10 +10,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
 import pytest
-from prometheus_client import CollectorRegistry
 
-from relay.config import Settings
-from relay.metrics import Metrics
 from relay.models import (
     NewWatch,
     PollOutcome,
@@ -23,10 +20,9 @@ from relay.models import (
     TaskStatus,
     TaskUpdate,
 )
-from relay.policy import PollPolicy
-from relay.poller import Poller
 from relay.store.sqlite import SQLiteStore
 from relay.upstream import Answer, Deliver, RetryGate
+from tests.pollers import make_poller
 
 T0 = 1_700_000_000.0
 NOW = T0 + 1
@@ -112,27 +108,6 @@ async def _watch(store: SQLiteStore, count: int) -> list[str]:
     return task_ids
 
 
-def _poller(
-    store: SQLiteStore,
-    transport: HeldTransport,
-    *,
-    concurrency: int,
-    on_finished: Callable[[], None] = lambda: None,
-    clock: Callable[[], float] = lambda: NOW,
-) -> Poller:
-    return Poller(
-        store=store,
-        transport=transport,
-        metrics=Metrics(CollectorRegistry()),
-        policy=PollPolicy.from_settings(Settings()),
-        rps=1000.0,
-        concurrency=concurrency,
-        lease_s=60.0,
-        clock=clock,
-        on_finished=on_finished,
-    )
-
-
 def _polls_made(path: str) -> dict[str, int]:
     with sqlite3.connect(path) as conn:
         return dict(conn.execute("SELECT task_id, polls FROM tasks").fetchall())
@@ -151,7 +126,7 @@ async def test_answers_that_come_together_are_written_with_one_store_call(
 ) -> None:
     task_ids = await _watch(store, 10)
     transport = HeldTransport()
-    poller = _poller(store, transport, concurrency=16)
+    poller = make_poller(store, transport, clock=lambda: NOW, concurrency=16, rps=1000.0)
     tick = asyncio.create_task(poller.tick(NOW))
     await _until(lambda: len(transport.polls) == 10)
     assert sorted(task_ids) == sorted(transport.submitted)  # one submit, all ten
@@ -167,7 +142,7 @@ async def test_a_poll_frees_its_slot_when_its_answer_is_in_before_its_write(
     await _watch(store, 3)
     store.gate = asyncio.Event()  # no write completes until the test says
     transport = HeldTransport()
-    poller = _poller(store, transport, concurrency=1)
+    poller = make_poller(store, transport, clock=lambda: NOW, concurrency=1, rps=1000.0)
     stopping = asyncio.Event()
     runner = asyncio.create_task(poller.run(stopping))
     try:
@@ -190,7 +165,7 @@ async def test_a_stop_waits_for_the_answers_and_their_writes(
 ) -> None:
     task_ids = await _watch(store, 4)
     transport = HeldTransport()
-    poller = _poller(store, transport, concurrency=8)
+    poller = make_poller(store, transport, clock=lambda: NOW, concurrency=8, rps=1000.0)
     stopping = asyncio.Event()
     runner = asyncio.create_task(poller.run(stopping))
     await _until(lambda: len(transport.polls) == 4)
@@ -207,7 +182,7 @@ async def test_past_the_drain_bound_unanswered_polls_are_handed_back(
 ) -> None:
     await _watch(store, 3)
     transport = HeldTransport()
-    poller = _poller(store, transport, concurrency=8)
+    poller = make_poller(store, transport, clock=lambda: NOW, concurrency=8, rps=1000.0)
     stopping = asyncio.Event()
     runner = asyncio.create_task(poller.run(stopping))
     await _until(lambda: len(transport.polls) == 3)
@@ -231,7 +206,14 @@ async def test_a_finished_task_in_a_batch_moves_its_watch_and_the_others_are_upd
     task_ids = await _watch(store, 3)
     transport = HeldTransport()
     finished: list[int] = []
-    poller = _poller(store, transport, concurrency=8, on_finished=lambda: finished.append(1))
+    poller = make_poller(
+        store,
+        transport,
+        clock=lambda: NOW,
+        concurrency=8,
+        rps=1000.0,
+        on_finished=lambda: finished.append(1),
+    )
     tick = asyncio.create_task(poller.tick(NOW))
     await _until(lambda: len(transport.polls) == 3)
     first = next(iter(transport.polls))
@@ -257,7 +239,9 @@ async def test_a_crash_after_a_finish_is_written_leaves_the_other_finishes_to_th
     def crash() -> None:
         raise RuntimeError("a bug in the deliverer's wake")
 
-    poller = _poller(store, transport, concurrency=8, on_finished=crash)
+    poller = make_poller(
+        store, transport, clock=lambda: NOW, concurrency=8, rps=1000.0, on_finished=crash
+    )
     tick = asyncio.create_task(poller.tick(NOW))
     await _until(lambda: len(transport.polls) == 3)
     transport.answer("success")  # one batch, three finishes
@@ -277,7 +261,7 @@ async def test_while_the_key_is_rejected_one_probe_is_out_at_a_time(
     await _watch(store, 5)
     transport = HeldTransport()
     clock = [NOW]
-    poller = _poller(store, transport, concurrency=8, clock=lambda: clock[0])
+    poller = make_poller(store, transport, clock=lambda: clock[0], concurrency=8, rps=1000.0)
     stopping = asyncio.Event()
     runner = asyncio.create_task(poller.run(stopping))
     try:

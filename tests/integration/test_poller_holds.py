@@ -7,15 +7,10 @@ import asyncio
 from collections.abc import Sequence
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry
-
-from relay.config import Settings
-from relay.metrics import Metrics
 from relay.models import NewWatch, PollOutcome, PollResult, TaskSnapshot, TaskStatus
-from relay.policy import PollPolicy
-from relay.poller import Poller
 from relay.store.sqlite import SQLiteStore
 from relay.upstream import Answer, Deliver, RetryGate
+from tests.pollers import make_poller
 
 T0 = 1_700_000_000.0
 
@@ -50,16 +45,7 @@ async def test_no_claim_while_the_transport_is_unavailable(tmp_path: Path) -> No
     await store.open()
     try:
         transport = Switchable()
-        poller = Poller(
-            store=store,
-            transport=transport,
-            metrics=Metrics(CollectorRegistry()),
-            policy=PollPolicy.from_settings(Settings()),
-            rps=100.0,
-            concurrency=4,
-            lease_s=60.0,
-            clock=lambda: T0,
-        )
+        poller = make_poller(store, transport, clock=lambda: T0)
         new = NewWatch(task_id="tk-hiapi-held", callback_url="http://127.0.0.1:9/x", metadata=None)
         await store.register(new, watch_id="wt_held", now=T0, deadline_at=T0 + 3600)
 

@@ -9,10 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
-from prometheus_client import CollectorRegistry
 
-from relay.config import Settings
-from relay.metrics import Metrics
 from relay.models import (
     NewWatch,
     PollOutcome,
@@ -22,11 +19,11 @@ from relay.models import (
     TaskStatus,
     WatchState,
 )
-from relay.policy import PollPolicy
-from relay.poller import EXPIRY_EVERY_S, Poller
+from relay.poller import EXPIRY_EVERY_S
 from relay.store.sqlite import SQLiteStore
 from relay.upstream import Answer, Deliver, RetryGate
 from relay.workloop import DUE_BATCH_WINDOW_S
+from tests.pollers import make_poller
 
 T0 = 1_700_000_000.0
 LEASE_S = 60.0
@@ -74,19 +71,6 @@ class GatedClaims(SQLiteStore):
         return await super().claim_due_tasks(now=now, limit=limit, lease_s=lease_s)
 
 
-def make_poller(store: SQLiteStore, transport: Queued, clock: list[float]) -> Poller:
-    return Poller(
-        store=store,
-        transport=transport,
-        metrics=Metrics(CollectorRegistry()),
-        policy=PollPolicy.from_settings(Settings()),
-        rps=100.0,
-        concurrency=4,
-        lease_s=LEASE_S,
-        clock=lambda: clock[0],
-    )
-
-
 async def register(store: SQLiteStore, task_id: str, *, deadline_at: float) -> None:
     new = NewWatch(task_id=task_id, callback_url=HOOK, metadata=None)
     await store.register(new, watch_id=f"wt_{task_id[-1]}", now=T0, deadline_at=deadline_at)
@@ -110,7 +94,7 @@ async def test_a_passed_deadline_waits_for_the_next_expiry_turn_then_expires(
     """
     clock = [T0]
     transport = Queued()
-    poller = make_poller(store, transport, clock)
+    poller = make_poller(store, transport, clock=lambda: clock[0], lease_s=LEASE_S)
     await register(store, "tk-hiapi-late-1", deadline_at=T0 + 0.2)
     await store.claim_due_tasks(now=T0, limit=10, lease_s=LEASE_S)  # its stream is leased
     assert 0 == await poller.expire(T0)  # nothing past its deadline yet
@@ -143,7 +127,7 @@ async def test_the_loop_wakes_for_the_next_poll_or_the_expiry_turn_a_deadline_ne
     store: SQLiteStore, lease_s: float, deadline_in_s: float, wakes_in_s: float
 ) -> None:
     clock = [T0]
-    poller = make_poller(store, Queued(), clock)
+    poller = make_poller(store, Queued(), clock=lambda: clock[0], lease_s=LEASE_S)
     await register(store, "tk-hiapi-soon-1", deadline_at=T0 + deadline_in_s)
     await store.claim_due_tasks(now=T0, limit=10, lease_s=lease_s)  # next poll at T0 + lease_s
     await poller.expire(T0)
@@ -161,7 +145,7 @@ async def test_a_claim_that_returns_while_a_stop_cuts_work_short_goes_back_unpol
     try:
         clock = [T0]
         transport = Queued()
-        poller = make_poller(gated, transport, clock)
+        poller = make_poller(gated, transport, clock=lambda: clock[0], lease_s=LEASE_S)
         await register(gated, "tk-hiapi-cut-1", deadline_at=T0 + 3600)
         stopping = asyncio.Event()
         runner = asyncio.create_task(poller.run(stopping))
