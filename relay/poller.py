@@ -142,8 +142,16 @@ class Poller(ClaimLoop[TaskClaim]):
             return []
         if not self._transport.available:
             return []  # no poll worker running: a claim would only burn its stream's backoff
-        claims = await self._store.claim_due_tasks(now=now, limit=budget, lease_s=self._lease_s)
-        self._bucket.take(now, len(claims))
+        # Reserved before the store's await, the unused part given back after: a retry asking
+        # for a token meanwhile must not spend one this claim is about to (the bucket went
+        # below zero, the budget over its rate for a moment).
+        self._bucket.take(now, budget)
+        try:
+            claims = await self._store.claim_due_tasks(now=now, limit=budget, lease_s=self._lease_s)
+        except BaseException:
+            self._bucket.give_back(budget)
+            raise
+        self._bucket.give_back(budget - len(claims))
         return claims
 
     async def _next_due_at(self, now: float) -> float | None:

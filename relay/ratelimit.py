@@ -37,6 +37,10 @@ class TokenBucket:
         self._refill(now)
         self._tokens -= count
 
+    def give_back(self, count: int) -> None:
+        """Return tokens taken but not spent (a reservation larger than its use)."""
+        self._tokens = min(self.burst, self._tokens + count)
+
     def wait_s(self, now: float) -> float:
         """Seconds until one whole token is available (0 if one is)."""
         self._refill(now)

@@ -162,3 +162,32 @@ async def test_a_claim_that_returns_while_a_stop_cuts_work_short_goes_back_unpol
         assert 0 == poller.in_flight
     finally:
         await gated.close()
+
+
+async def test_a_retry_during_a_claim_waits_for_a_token_the_claim_has_reserved(
+    tmp_path: Path,
+) -> None:
+    """The claim reserves its budget before it reads the store: a retry asking for a token
+    meanwhile waits for a later one, and the bucket never goes below zero."""
+    gated = GatedClaims(str(tmp_path / "relay.db"))
+    await gated.open()
+    try:
+        poller = make_poller(gated, Queued(), clock=lambda: T0, rps=20.0)  # a burst of 2 tokens
+        for n in range(3):
+            await register(gated, f"tk-hiapi-r{n}", deadline_at=T0 + 3600)
+        claiming = asyncio.ensure_future(poller._claim(T0, 4))
+        await gated.claiming.wait()  # the claim is reading the store
+
+        retry = asyncio.ensure_future(poller._retry_token())
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert not retry.done()  # both tokens are the claim's
+        gated.gate.set()
+        claims = await claiming
+
+        assert 2 == len(claims)
+        assert 0 == poller._bucket.available(T0)
+        assert poller._bucket.wait_s(T0) <= 1 / 20  # at zero, not below it
+        retry.cancel()
+    finally:
+        await gated.close()

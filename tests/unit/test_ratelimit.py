@@ -138,3 +138,13 @@ def test_no_window_ever_gets_more_than_rate_times_its_length_plus_the_burst(
             spent += count
             # The bucket rounds up a token it is within a thousandth of (float clocks).
             assert spent <= rate * (end - start) + capacity + 1e-3
+
+
+def test_tokens_given_back_are_spendable_again_up_to_the_burst() -> None:
+    bucket = TokenBucket(10.0, burst=4.0, now=0.0)
+    bucket.take(0.0, 4)
+    assert 0 == bucket.available(0.0)
+    bucket.give_back(3)
+    assert 3 == bucket.available(0.0)
+    bucket.give_back(5)  # never more than the burst
+    assert 4 == bucket.available(0.0)
