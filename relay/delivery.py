@@ -37,11 +37,6 @@ USER_AGENT = f"hiapi-relay/{__version__}"
 # which kept the loop busy and made healthy receivers' callbacks queue behind it (20,000
 # waiting callbacks: 23 s late, measured).
 HOST_BUSY_MARGIN_S = 1.0
-# A busy receiver's backlog is spread over at most this many attempts' times (with the default
-# 10 s timeout: 330 s for callbacks 232 and beyond, at 8 per receiver): the part beyond falls due
-# together at the last turn, so the wait after a restart (parked callbacks are in memory only)
-# stays bounded.
-BUSY_SPREAD_TURNS = 30
 _FORBIDDEN_DETAIL = "cannot connect: the network policy forbids every address of this host"
 _log = logging.getLogger("relay.delivery")
 
@@ -216,40 +211,28 @@ class Deliverer(WorkLoop[DeliveryJob]):
         if busy:
             # One slow receiver must not take every slot from the healthy ones: its other
             # callbacks wait, without an attempt counted, until it has a slot free.
-            await self._park(busy, now)
-        return accepted
-
-    async def _park(self, busy: dict[str, list[DeliveryJob]], now: float) -> None:
-        """Defer callbacks whose receiver is at its share: a slot's worth (RELAY_DELIVERY_PER_HOST)
-        per attempt's time, behind those parked already, so that a hanging receiver's backlog
-        falls due a slot's worth at a time, not all at once every attempt's time (each pass
-        over it costs the loop a claim and a deferral write per callback, ~1 s per 800)."""
-        groups: dict[float, list[DeliveryJob]] = {}
-        for host, waiting in busy.items():
-            parked = self._parked.get(host, {})
-            ahead = sum(len(ids) for deferred_to, ids in parked.items() if deferred_to > now)
-            for position, job in enumerate(waiting, start=ahead):
-                turns = min(1 + position // self._per_host, BUSY_SPREAD_TURNS)
-                groups.setdefault(now + self._busy_defer_s * turns, []).append(job)
-        for deferred_to, jobs in sorted(groups.items()):
+            deferred_to = now + self._busy_defer_s
             try:
                 await self._store.defer_deliveries(
-                    [(j.watch_id, j.lease_until) for j in jobs], due_at=deferred_to
+                    [(j.watch_id, j.lease_until) for waiting in busy.values() for j in waiting],
+                    due_at=deferred_to,
                 )
             except StoreUnavailable as exc:
                 # The accepted ones hold receiver slots already and must still run (their
-                # attempts give the slots back); the rest fall due when their claim's lease
-                # ends. Raising here would strand both: slots counted, never released.
+                # attempts give the slots back); the busy ones fall due when their claim's
+                # lease ends. Raising here would strand both: slots counted, never released.
                 self._store_unavailable(exc)
-                break
-            self._metrics.callbacks_deferred.labels("receiver_busy").inc(len(jobs))
-            for job in jobs:
-                host = receiver_key(job.callback_url)
-                self._parked.setdefault(host, {}).setdefault(deferred_to, []).append(job.watch_id)
-        # A receiver's last attempt may have ended while the deferrals were being written.
-        for host in busy:
-            if host in self._parked and self._host_in_flight[host] < self._per_host:
-                await self._unpark(host)
+            else:
+                self._metrics.callbacks_deferred.labels("receiver_busy").inc(
+                    sum(len(waiting) for waiting in busy.values())
+                )
+                for host, waiting in busy.items():
+                    parked = self._parked.setdefault(host, {}).setdefault(deferred_to, [])
+                    parked.extend(j.watch_id for j in waiting)
+                    # Its last attempt may have ended while the deferral was being written.
+                    if self._host_in_flight[host] < self._per_host:
+                        await self._unpark(host)
+        return accepted
 
     async def _unpark(self, host: str) -> None:
         """A slot of `host` is free: a slot's worth of its parked callbacks (RELAY_DELIVERY_PER_HOST,

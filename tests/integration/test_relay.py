@@ -493,40 +493,6 @@ async def test_one_receiver_gets_at_most_its_share_of_attempts_in_flight(
     assert 16.0 == relay.sample("relay_callbacks_deferred_total", {"reason": "receiver_busy"})
 
 
-async def test_a_hanging_receiver_s_backlog_falls_due_a_slot_s_worth_per_attempt_s_time(
-    make_relay: RelayFactory, upstream: Upstream, receiver: Receiver
-) -> None:
-    """100 callbacks wait for a receiver whose 8 attempts hang: after the first pass parks them,
-    each attempt's time (2 s + 1 s) brings 8 of them back, not all 100 (each pass over a
-    backlog costs the loop a claim and a write per callback)."""
-    relay = await make_relay(delivery_per_host=8, delivery_timeout_s=2.0)
-    for i in range(100):
-        await upstream.flip(f"{TASK}{i}", "success")
-        await relay.register(f"{TASK}{i}", receiver.at(f"/h{i}"))
-    while await relay.poll():  # a tick polls 32 at most
-        pass
-    deliverer = relay.app[DELIVERER]
-    deliverer._host_in_flight[receiver_key(receiver.at("/"))] = 8  # every slot hangs
-
-    def deferred() -> float:
-        return relay.sample("relay_callbacks_deferred_total", {"reason": "receiver_busy"}) or 0.0
-
-    async def turn(advance: float) -> float:
-        """Move the clock, then claim until nothing more is due (a claim takes 32 at most)."""
-        before = deferred()
-        assert 0 == await relay.deliver(advance)
-        for _ in range(10):
-            passed = deferred()
-            assert 0 == await relay.deliver()
-            if deferred() == passed:
-                break
-        return deferred() - before
-
-    assert 100 == await turn(0.0)
-    assert [8, 8, 8] == [await turn(3.0) for _ in range(3)]
-    assert [] == receiver.requests
-
-
 async def test_callbacks_waiting_for_a_receiver_whose_attempts_hang_go_after_an_attempt_s_time(
     make_relay: RelayFactory, upstream: Upstream, receiver: Receiver
 ) -> None:
