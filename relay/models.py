@@ -136,6 +136,9 @@ class TaskUpdate:
     error_streak: int
     first_not_found_at: float | None
     last_error: str | None
+    # The claim's lease (TaskClaim.lease_until): the update applies only while it is still on
+    # the stream, so a poller paused past its lease cannot undo what another claimer wrote.
+    lease_until: float
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -181,6 +184,9 @@ class DeliveryRecord:
     outcome: DeliveryOutcome
     next_attempt_at: float | None
     last_error: str | None
+    # The claim's lease (DeliveryJob.lease_until): a retry or a give-up applies only while it is
+    # still on the watch (a delivery applies while the watch is delivering: it did arrive).
+    lease_until: float
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

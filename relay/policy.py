@@ -232,6 +232,7 @@ def plan_after_poll(
             error_streak=0,
             first_not_found_at=None,
             last_error=None,
+            lease_until=claim.lease_until,
         )
 
     if result.outcome is PollOutcome.NOT_FOUND:
@@ -249,6 +250,7 @@ def plan_after_poll(
             error_streak=0,
             first_not_found_at=first_seen,
             last_error="task not found upstream",
+            lease_until=claim.lease_until,
         )
 
     streak = claim.error_streak + 1
@@ -266,6 +268,7 @@ def plan_after_poll(
         error_streak=streak,
         first_not_found_at=claim.first_not_found_at,
         last_error=f"upstream {result.outcome.value}{detail}",
+        lease_until=claim.lease_until,
     )
 
 
@@ -304,7 +307,11 @@ def plan_after_delivery(
     """Decide what one attempt changes: delivered, failed for good, or when to try again."""
     if result.outcome is DeliveryOutcome.DELIVERED:
         return DeliveryRecord(
-            watch_id=job.watch_id, outcome=result.outcome, next_attempt_at=None, last_error=None
+            watch_id=job.watch_id,
+            outcome=result.outcome,
+            next_attempt_at=None,
+            last_error=None,
+            lease_until=job.lease_until,
         )
     attempts = job.attempts + 1
     if result.outcome is DeliveryOutcome.GAVE_UP or attempts >= policy.max_attempts:
@@ -316,6 +323,7 @@ def plan_after_delivery(
             outcome=DeliveryOutcome.GAVE_UP,
             next_attempt_at=None,
             last_error=reason,
+            lease_until=job.lease_until,
         )
     delay = backoff(
         attempts, initial=policy.backoff_s, cap=policy.backoff_max_s, jitter=policy.jitter,
@@ -327,4 +335,5 @@ def plan_after_delivery(
         outcome=DeliveryOutcome.RETRY,
         next_attempt_at=now + delay,
         last_error=result.detail,
+        lease_until=job.lease_until,
     )

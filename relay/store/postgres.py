@@ -503,7 +503,7 @@ class PostgresStore:
                     "UPDATE tasks SET status = COALESCE($1, status), polls = polls + 1,"
                     " next_poll_at = $2, interval_s = $3, error_streak = $4,"
                     " first_not_found_at = $5, last_error = $6, updated_at = $7"
-                    " WHERE task_id = $8",
+                    " WHERE task_id = $8 AND next_poll_at = $9",
                     [task_update_params(u, now) for u in updates],
                 )
             moved = 0
@@ -580,16 +580,20 @@ class PostgresStore:
             applied = set()
             # Watch id order, so two replicas recording overlapping batches cannot deadlock.
             for r in sorted(records, key=lambda r: r.watch_id):
-                # `state = 'delivering'` fences out a watch cancelled while its attempt was out.
+                # `state = 'delivering'` fences out a watch cancelled while its attempt was out;
+                # the lease, a retry or give-up of a claim another claimer has taken over since.
                 found = await conn.fetchval(
                     "UPDATE watches SET state = $1, delivery_attempts = delivery_attempts + 1,"
                     " next_delivery_at = $2, last_error = $3, updated_at = $4"
-                    " WHERE watch_id = $5 AND state = 'delivering' RETURNING watch_id",
+                    " WHERE watch_id = $5 AND state = 'delivering'"
+                    " AND ($6 OR next_delivery_at = $7) RETURNING watch_id",
                     _NEW_STATE[r.outcome].value,
                     r.next_attempt_at,
                     r.last_error,
                     now,
                     r.watch_id,
+                    r.outcome is DeliveryOutcome.DELIVERED,
+                    r.lease_until,
                 )
                 if found is not None:
                     applied.add(r.watch_id)

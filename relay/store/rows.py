@@ -76,7 +76,7 @@ def fresh_watch(new: NewWatch, *, watch_id: str, now: float, deadline_at: float)
 
 def task_update_params(update: TaskUpdate, now: float) -> tuple[Any, ...]:
     """Parameters of both stores' task-update statement: status, next poll, interval, error
-    streak, first not-found, last error, updated at, task id."""
+    streak, first not-found, last error, updated at, task id, the claim's lease."""
     return (
         update.status,
         update.next_poll_at,
@@ -86,6 +86,7 @@ def task_update_params(update: TaskUpdate, now: float) -> tuple[Any, ...]:
         update.last_error,
         now,
         update.task_id,
+        update.lease_until,
     )
 
 

@@ -546,7 +546,7 @@ class SQLiteStore:
             conn.executemany(
                 "UPDATE tasks SET status = COALESCE(?, status), polls = polls + 1,"
                 " next_poll_at = ?, interval_s = ?, error_streak = ?, first_not_found_at = ?,"
-                " last_error = ?, updated_at = ? WHERE task_id = ?",
+                " last_error = ?, updated_at = ? WHERE task_id = ? AND next_poll_at = ?",
                 [task_update_params(u, now) for u in updates],
             )
             moved = 0
@@ -622,12 +622,23 @@ class SQLiteStore:
         def record(conn: sqlite3.Connection) -> set[str]:
             applied = set()
             for r in records:
-                # `state = 'delivering'` fences out a watch cancelled while its attempt was out.
+                # `state = 'delivering'` fences out a watch cancelled while its attempt was out;
+                # the lease, a retry or give-up of a claim another claimer has taken over since.
+                delivered = r.outcome is DeliveryOutcome.DELIVERED
                 updated = conn.execute(
                     "UPDATE watches SET state = ?, delivery_attempts = delivery_attempts + 1,"
                     " next_delivery_at = ?, last_error = ?, updated_at = ?"
-                    " WHERE watch_id = ? AND state = 'delivering'",
-                    (_NEW_STATE[r.outcome].value, r.next_attempt_at, r.last_error, now, r.watch_id),
+                    " WHERE watch_id = ? AND state = 'delivering'"
+                    " AND (? OR next_delivery_at = ?)",
+                    (
+                        _NEW_STATE[r.outcome].value,
+                        r.next_attempt_at,
+                        r.last_error,
+                        now,
+                        r.watch_id,
+                        delivered,
+                        r.lease_until,
+                    ),
                 )
                 if updated.rowcount:
                     applied.add(r.watch_id)

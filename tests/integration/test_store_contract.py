@@ -166,7 +166,9 @@ def update(
     error_streak: int = 0,
     first_not_found_at: float | None = None,
     last_error: str | None = None,
+    lease_until: float = T0 + LEASE,
 ) -> TaskUpdate:
+    """An update of the stream claimed at `lease_until` - LEASE (at T0 unless said)."""
     return TaskUpdate(
         task_id=task_id,
         status=status,
@@ -175,6 +177,7 @@ def update(
         error_streak=error_streak,
         first_not_found_at=first_not_found_at,
         last_error=last_error,
+        lease_until=lease_until,
     )
 
 
@@ -204,9 +207,16 @@ def record(
     outcome: DeliveryOutcome,
     next_attempt_at: float | None = None,
     last_error: str | None = None,
+    lease_until: float = T0 + 2 + LEASE,
 ) -> DeliveryRecord:
+    """An attempt's outcome for the callback claimed at `lease_until` - LEASE (deliver_now's
+    T0 + 2 unless said)."""
     return DeliveryRecord(
-        watch_id=watch_id, outcome=outcome, next_attempt_at=next_attempt_at, last_error=last_error
+        watch_id=watch_id,
+        outcome=outcome,
+        next_attempt_at=next_attempt_at,
+        last_error=last_error,
+        lease_until=lease_until,
     )
 
 
@@ -444,6 +454,7 @@ async def test_task_update_reschedules_counts_the_poll_and_keeps_the_last_known_
                 error_streak=2,
                 first_not_found_at=T0 + 4,
                 last_error="upstream answered 503",
+                lease_until=T0 + 4 + LEASE,  # the second claim's
             )
         ],
         now=T0 + 5,
@@ -1015,6 +1026,57 @@ async def test_deferred_callback_comes_back_without_an_attempt_counted(store: St
     assert WatchState.CANCELLED == (await get(store, "wt_2")).state
 
 
+async def test_a_late_poll_result_leaves_a_stream_another_claim_holds(store: Store) -> None:
+    """A poller paused past its lease writes its result after another took the stream: the
+    other's lease (and so its schedule) stands."""
+    await register(store, "wt_1")
+    [stale] = await store.claim_due_tasks(now=T0, limit=10, lease_s=LEASE)
+    [current] = await store.claim_due_tasks(now=T0 + LEASE, limit=10, lease_s=LEASE)
+
+    late = update(next_poll_at=T0 + LEASE + 1, lease_until=stale.lease_until)
+    await store.apply_poll_results([late], now=T0 + LEASE + 1)
+
+    assert current.lease_until == await store.next_poll_due_at()
+    assert 0 == (await get(store, "wt_1")).polls
+
+
+async def test_a_late_retry_leaves_a_callback_another_claim_holds_but_a_delivery_lands(
+    store: Store,
+) -> None:
+    """A deliverer paused past its lease records after another took the callback: a retry or a
+    give-up of the stale claim changes nothing (the receiver's Retry-After, recorded by the
+    other, stands); a delivery still lands (the receiver has it)."""
+    await register(store, "wt_1")
+    await register(store, "wt_2", callback_url=HOOK + "/2")
+    await store.apply_poll_results([finish()], now=T0 + 1)
+    stale = {
+        j.watch_id: j for j in await store.claim_due_deliveries(now=T0 + 2, limit=10, lease_s=LEASE)
+    }
+    current = {
+        j.watch_id: j
+        for j in await store.claim_due_deliveries(now=T0 + 2 + LEASE, limit=10, lease_s=LEASE)
+    }
+    ahead = record("wt_1", DeliveryOutcome.RETRY, T0 + 900, "Retry-After: 850",
+                   lease_until=current["wt_1"].lease_until)  # fmt: skip
+    assert {"wt_1"} == await store.record_deliveries([ahead], now=T0 + 40)
+
+    late = [
+        record(
+            "wt_1", DeliveryOutcome.GAVE_UP, None, "timeout", lease_until=stale["wt_1"].lease_until
+        ),
+        record("wt_2", DeliveryOutcome.DELIVERED, lease_until=stale["wt_2"].lease_until),
+    ]
+    assert {"wt_2"} == await store.record_deliveries(late, now=T0 + 41)
+
+    first = await get(store, "wt_1")
+    assert (WatchState.DELIVERING, 1, "Retry-After: 850") == (
+        first.state,
+        first.delivery_attempts,
+        first.last_error,
+    )
+    assert WatchState.DELIVERED == (await get(store, "wt_2")).state
+
+
 async def test_a_late_hand_back_leaves_a_callback_another_claim_holds(store: Store) -> None:
     """A deliverer whose lease ran out hands its callback back after another took it: the
     other's lease stands (no second attempt at once), and a recorded attempt's next time too."""
@@ -1025,7 +1087,16 @@ async def test_a_late_hand_back_leaves_a_callback_another_claim_holds(store: Sto
     current = await store.claim_due_deliveries(now=T0 + 2 + LEASE, limit=10, lease_s=LEASE)
     by_id = {j.watch_id: j for j in current}
     await store.record_deliveries(
-        [record("wt_2", DeliveryOutcome.RETRY, T0 + 1000, "Retry-After: 900")], now=T0 + 40
+        [
+            record(
+                "wt_2",
+                DeliveryOutcome.RETRY,
+                T0 + 1000,
+                "Retry-After: 900",
+                lease_until=by_id["wt_2"].lease_until,
+            )
+        ],
+        now=T0 + 40,
     )
 
     await store.defer_deliveries([(j.watch_id, j.lease_until) for j in stale], due_at=T0 + 41)

@@ -580,6 +580,7 @@ def test_first_poll_after_registration_schedules_the_initial_interval() -> None:
         error_streak=0,
         first_not_found_at=None,
         last_error=None,
+        lease_until=NOW + 60.0,
     )
     assert expected == actual
 
@@ -622,6 +623,7 @@ def test_archiving_resets_the_interval_to_initial() -> None:
         error_streak=0,
         first_not_found_at=None,
         last_error=None,
+        lease_until=NOW + 60.0,
     )
     assert expected == actual
 
@@ -674,6 +676,7 @@ def test_the_first_not_found_starts_the_grace_window() -> None:
         error_streak=0,
         first_not_found_at=NOW,
         last_error="task not found upstream",
+        lease_until=NOW + 60.0,
     )
     assert expected == actual
 
@@ -692,6 +695,7 @@ def test_not_found_inside_the_grace_window_keeps_the_first_miss() -> None:
         error_streak=0,
         first_not_found_at=first,
         last_error="task not found upstream",
+        lease_until=NOW + 60.0,
     )
     assert expected == actual
 
@@ -758,6 +762,7 @@ def test_errors_back_off_exponentially_up_to_the_error_cap(
         error_streak=streak_before + 1,
         first_not_found_at=NOW - 5.0,
         last_error="upstream server_error: HTTP 503",
+        lease_until=NOW + 60.0,
     )
     assert expected == actual
 
@@ -844,6 +849,7 @@ def test_an_ok_after_errors_resets_the_streak_and_the_not_found_mark() -> None:
         error_streak=0,
         first_not_found_at=None,
         last_error=None,
+        lease_until=NOW + 60.0,
     )
     assert expected == actual
 
@@ -907,7 +913,11 @@ def test_a_delivered_callback_is_done() -> None:
     result = DeliveryResult(outcome=DeliveryOutcome.DELIVERED, http_status=204, detail="HTTP 204")
     actual = plan_after_delivery(job(3), result, now=NOW, rand=NEUTRAL, policy=DELIVERY)
     expected = DeliveryRecord(
-        watch_id="w-1", outcome=DeliveryOutcome.DELIVERED, next_attempt_at=None, last_error=None
+        watch_id="w-1",
+        outcome=DeliveryOutcome.DELIVERED,
+        next_attempt_at=None,
+        last_error=None,
+        lease_until=NOW + 60.0,
     )
     assert expected == actual
 
@@ -946,6 +956,7 @@ def test_failed_deliveries_retry_from_five_seconds_doubling_to_an_hour(
         outcome=DeliveryOutcome.RETRY,
         next_attempt_at=NOW + expected_delay,
         last_error="HTTP 503",
+        lease_until=NOW + 60.0,
     )
     assert expected == actual
 
@@ -982,6 +993,7 @@ def test_the_last_allowed_attempt_gives_up(result: DeliveryResult, expected_erro
         outcome=DeliveryOutcome.GAVE_UP,
         next_attempt_at=None,
         last_error=expected_error,
+        lease_until=NOW + 60.0,
     )
     assert expected == actual
 
@@ -1004,6 +1016,7 @@ def test_a_final_answer_gives_up_on_the_first_attempt(status: int) -> None:
         outcome=DeliveryOutcome.GAVE_UP,
         next_attempt_at=None,
         last_error=f"HTTP {status}",
+        lease_until=NOW + 60.0,
     )
     assert expected == actual
 
