@@ -105,9 +105,11 @@ class LocalService:
         return await self._store.get_watch(watch_id)
 
     async def cancel(self, watch_id: str) -> Watch | None:
-        before = await self._store.get_watch(watch_id)
-        watch = await self._store.cancel_watch(watch_id, now=self._clock())
-        if watch is not None and before is not None and before.state is not WatchState.CANCELLED:
+        cancelled = await self._store.cancel_watch(watch_id, now=self._clock())
+        if cancelled is None:
+            return None
+        watch, cancelled_now = cancelled
+        if cancelled_now:  # decided in the store's transaction: two cancels count once
             self._metrics.watches_finished.labels("cancelled").inc()
             logs.event(log, "watch_cancelled", watch_id=watch_id, task_id=watch.task_id)
         return watch

@@ -50,8 +50,9 @@ class Store(Protocol):
     ) -> list[Watch]:
         """Watches ordered by id (ids sort by creation time), strictly after `after`."""
 
-    async def cancel_watch(self, watch_id: str, *, now: float) -> Watch | None:
-        """Cancel an active watch; StoreConflict if it already ended; None if unknown."""
+    async def cancel_watch(self, watch_id: str, *, now: float) -> tuple[Watch, bool] | None:
+        """Cancel an active watch: the watch, and whether this call cancelled it (False: it was
+        cancelled already). StoreConflict if it already ended; None if unknown."""
 
     async def redeliver(self, watch_id: str, *, now: float) -> Watch | None:
         """Queue the callback of a delivered or failed watch again; StoreConflict otherwise."""

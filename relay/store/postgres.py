@@ -213,6 +213,13 @@ async def _get(conn: Conn, watch_id: str) -> Watch | None:
     return None if row is None else watch_from_row(row)
 
 
+async def _found(conn: Conn, watch_id: str) -> Watch:
+    """A watch this transaction holds the row lock of: it is there."""
+    watch = await _get(conn, watch_id)
+    assert watch is not None
+    return watch
+
+
 class PostgresStore:
     def __init__(
         self,
@@ -417,8 +424,8 @@ class PostgresStore:
 
         return await self._run(run)
 
-    async def cancel_watch(self, watch_id: str, *, now: float) -> Watch | None:
-        async def cancel(conn: Conn) -> Watch | None:
+    async def cancel_watch(self, watch_id: str, *, now: float) -> tuple[Watch, bool] | None:
+        async def cancel(conn: Conn) -> tuple[Watch, bool] | None:
             task_id = await conn.fetchval(
                 "SELECT task_id FROM watches WHERE watch_id = $1", watch_id
             )
@@ -430,7 +437,7 @@ class PostgresStore:
             )
             state = WatchState(raw_state)
             if state is WatchState.CANCELLED:
-                return await _get(conn, watch_id)
+                return await _found(conn, watch_id), False
             if state not in ACTIVE_STATES:
                 raise StoreConflict(f"the watch is already {state.value}")
             # A watching watch keeps what its stream knew, so the cancelled watch still shows
@@ -449,7 +456,7 @@ class PostgresStore:
                 task_id,
             )
             await conn.execute(_DROP_UNWATCHED_TASKS, [task_id])
-            return await _get(conn, watch_id)
+            return await _found(conn, watch_id), True
 
         return await self._run(cancel, tx=True)
 

@@ -461,16 +461,16 @@ class SQLiteStore:
             [(t, t) for t in task_ids],
         )
 
-    async def cancel_watch(self, watch_id: str, *, now: float) -> Watch | None:
-        def cancel(conn: sqlite3.Connection) -> bool:
+    async def cancel_watch(self, watch_id: str, *, now: float) -> tuple[Watch, bool] | None:
+        def cancel(conn: sqlite3.Connection) -> bool | None:
             row = conn.execute(
                 "SELECT state, task_id FROM watches WHERE watch_id = ?", (watch_id,)
             ).fetchone()
             if row is None:
-                return False
+                return None
             state = WatchState(row[0])
             if state is WatchState.CANCELLED:
-                return True
+                return False
             if state not in ACTIVE_STATES:
                 raise StoreConflict(f"the watch is already {state.value}")
             # A watching watch keeps what its stream knew, so the cancelled watch still shows
@@ -489,8 +489,13 @@ class SQLiteStore:
             self._drop_unwatched_tasks(conn, [row[1]])
             return True
 
-        def run(conn: sqlite3.Connection) -> Watch | None:
-            return self._get(conn, watch_id) if cancel(conn) else None
+        def run(conn: sqlite3.Connection) -> tuple[Watch, bool] | None:
+            cancelled_now = cancel(conn)
+            if cancelled_now is None:
+                return None
+            watch = self._get(conn, watch_id)
+            assert watch is not None
+            return watch, cancelled_now
 
         return await self._write(run)
 

@@ -870,6 +870,16 @@ async def test_cancelled_watch_reads_cancelled_and_gets_no_callback(
     assert 1 == relay.sample("relay_watches_finished_total", {"result": "cancelled"})
 
 
+async def test_two_deletes_at_once_count_one_cancelled_watch(relay: Relay) -> None:
+    """Both answer 204; the watch ended once, so it counts once."""
+    watch = await relay.register(TASK, "http://127.0.0.1:9/hook")
+    statuses = await asyncio.gather(
+        *(relay.client.delete(f"/watch/{watch['watchId']}") for _ in range(2))
+    )
+    assert [204, 204] == [r.status for r in statuses]
+    assert 1 == relay.sample("relay_watches_finished_total", {"result": "cancelled"})
+
+
 async def test_cancelling_a_cancelled_watch_answers_204_again(relay: Relay) -> None:
     """A second DELETE is a no-op 204; the watch is counted as cancelled once."""
     watch = await relay.register(TASK, HOOK)

@@ -676,9 +676,11 @@ async def test_cancelling_the_only_watcher_drops_the_stream_and_keeps_what_it_kn
         [update(next_poll_at=T0 + 4, last_error="upstream answered 503")], now=T0 + 1
     )
 
-    cancelled = await store.cancel_watch("wt_01", now=T0 + 2)
+    result = await store.cancel_watch("wt_01", now=T0 + 2)
 
-    assert cancelled is not None
+    assert result is not None
+    cancelled, cancelled_now = result
+    assert cancelled_now
     assert (WatchState.CANCELLED, "handling", 1, None, None, T0 + 2) == (
         cancelled.state,
         cancelled.task_status,
@@ -709,9 +711,11 @@ async def test_cancelling_a_delivering_watch_stops_its_callback(store: Store) ->
     await register(store, "wt_01")
     await store.apply_poll_results([finish()], now=T0 + 1)
 
-    cancelled = await store.cancel_watch("wt_01", now=T0 + 2)
+    result = await store.cancel_watch("wt_01", now=T0 + 2)
 
-    assert cancelled is not None
+    assert result is not None
+    cancelled, cancelled_now = result
+    assert cancelled_now
     assert WatchState.CANCELLED == cancelled.state
     assert None is await store.next_delivery_due_at()
     assert [] == await store.claim_due_deliveries(now=T0 + 100, limit=10, lease_s=LEASE)
@@ -731,9 +735,11 @@ async def test_cancelling_a_delivering_watch_keeps_what_it_showed_beside_a_new_s
     assert before is not None
     await register(store, "wt_02", callback_url=OTHER_HOOK, now=T0 + 4)
 
-    cancelled = await store.cancel_watch("wt_01", now=T0 + 5)
+    result = await store.cancel_watch("wt_01", now=T0 + 5)
 
-    assert cancelled is not None
+    assert result is not None
+    cancelled, cancelled_now = result
+    assert cancelled_now
     assert (WatchState.CANCELLED, before.task_status, before.polls) == (
         cancelled.state,
         cancelled.task_status,
@@ -754,15 +760,28 @@ async def test_cancel_of_an_ended_watch_conflicts_and_of_an_unknown_one_is_none(
 
 
 async def test_cancelling_twice_leaves_the_watch_cancelled_as_it_was(store: Store) -> None:
-    """A second cancel answers the cancelled watch unchanged."""
+    """A second cancel answers the cancelled watch unchanged, and says it changed nothing."""
     await register(store, "wt_01")
     first = await store.cancel_watch("wt_01", now=T0 + 1)
 
     second = await store.cancel_watch("wt_01", now=T0 + 2)
 
     assert first is not None
-    assert first == second
-    assert (WatchState.CANCELLED, T0 + 1) == (first.state, first.updated_at)
+    assert second is not None
+    assert (first[0], True) == first
+    assert (first[0], False) == second
+    assert (WatchState.CANCELLED, T0 + 1) == (first[0].state, first[0].updated_at)
+
+
+async def test_two_cancels_at_once_cancel_once(store: Store) -> None:
+    """Concurrent cancels of one watch: exactly one of them is the one that cancelled it."""
+    await register(store, "wt_01")
+
+    results = await asyncio.gather(
+        store.cancel_watch("wt_01", now=T0 + 1), store.cancel_watch("wt_01", now=T0 + 1)
+    )
+
+    assert [False, True] == sorted(r[1] for r in results if r is not None)
 
 
 @pytest.mark.parametrize("outcome", [DeliveryOutcome.DELIVERED, DeliveryOutcome.GAVE_UP])
