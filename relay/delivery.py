@@ -299,8 +299,9 @@ class Deliverer(WorkLoop[DeliveryJob]):
         record = plan_after_delivery(item, result, now=now, rand=self._rand(), policy=self._policy)
         applied = await self._store.record_deliveries([record], now=now)
         metrics.callback_attempts.labels(record.outcome.value).inc()
-        # Not applied: the watch was cancelled while its attempt was out; it ended, and was
-        # counted, as cancelled.
+        # Not applied: the watch was cancelled while its attempt was out (it ended, and was
+        # counted, as cancelled), or this claim's lease ran out and another claimer took the
+        # callback over (its own record counts). The attempt itself did happen: counted above.
         if item.watch_id in applied:
             if record.outcome is DeliveryOutcome.DELIVERED:
                 metrics.terminal_to_delivered.observe(max(0.0, now - item.event_at))
