@@ -312,18 +312,14 @@ class ApiProcessPool:
             self._children.remove(child)
         if self._stopping:
             return
-        loop = asyncio.get_running_loop()
-        delay = self._restarts.delay_after_exit(loop.time() - child.started_at)
-        returncode = child.transport.get_returncode() if child.transport else None
-        logs.event(
+        delay = self._restarts.child_exited(
             log,
             "api_process_exited",
-            logging.ERROR,
             pid=child.pid,
-            returncode=returncode,
-            restart_in_s=delay,
+            returncode=child.transport.get_returncode() if child.transport else None,
+            lived_s=asyncio.get_running_loop().time() - child.started_at,
+            exits=self._metrics.api_process_exits,
         )
-        self._metrics.api_process_exits.inc()
         self._restart(delay)
 
     async def _restart_after(self, delay: float) -> None:

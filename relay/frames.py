@@ -18,6 +18,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 import orjson
+from prometheus_client import Counter
 
 from relay import logs
 
@@ -176,6 +177,22 @@ class RestartPolicy:
     def spawn_failed(self) -> float:
         self._failures_in_a_row += 1
         return RESTART_BACKOFF_S[-1]
+
+    def child_exited(
+        self,
+        log: logging.Logger,
+        event: str,
+        *,
+        pid: int | None,
+        returncode: int | None,
+        lived_s: float,
+        exits: Counter,
+    ) -> float:
+        """Log and count a child that exited while the relay ran; the delay before its restart."""
+        delay = self.delay_after_exit(lived_s)
+        logs.event(log, event, logging.ERROR, pid=pid, returncode=returncode, restart_in_s=delay)
+        exits.inc()
+        return delay
 
 
 ChildServe = Callable[[dict[str, Any], int], Coroutine[Any, Any, None]]

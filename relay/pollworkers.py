@@ -382,18 +382,14 @@ class PollWorkerPool:
             self._children.remove(child)
         if self._closing:
             return
-        loop = asyncio.get_running_loop()
-        delay = self._restarts.delay_after_exit(loop.time() - child.started_at)
-        returncode = child.transport.get_returncode() if child.transport else None
-        logs.event(
+        delay = self._restarts.child_exited(
             log,
             "poll_worker_exited",
-            logging.ERROR,
             pid=child.pid,
-            returncode=returncode,
-            restart_in_s=delay,
+            returncode=child.transport.get_returncode() if child.transport else None,
+            lived_s=asyncio.get_running_loop().time() - child.started_at,
+            exits=self._metrics.poll_worker_exits,
         )
-        self._metrics.poll_worker_exits.inc()
         self._keep(self._restart_after(delay))
 
     @property
