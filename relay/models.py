@@ -184,8 +184,9 @@ class DeliveryRecord:
     outcome: DeliveryOutcome
     next_attempt_at: float | None
     last_error: str | None
-    # The claim's lease (DeliveryJob.lease_until): a retry or a give-up applies only while it is
-    # still on the watch (a delivery applies while the watch is delivering: it did arrive).
+    # The claim's lease (DeliveryJob.lease_until): the outcome applies only while it is still on
+    # the watch. A late delivery is dropped too: the claimer that took over delivers again (the
+    # receiver dedupes on webhook-id), and a redelivery asked for meanwhile is not lost.
     lease_until: float
 
 

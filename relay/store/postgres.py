@@ -588,18 +588,18 @@ class PostgresStore:
             # Watch id order, so two replicas recording overlapping batches cannot deadlock.
             for r in sorted(records, key=lambda r: r.watch_id):
                 # `state = 'delivering'` fences out a watch cancelled while its attempt was out;
-                # the lease, a retry or give-up of a claim another claimer has taken over since.
+                # the lease, the outcome of a claim another claimer has taken over since (or a
+                # redelivery queued after that other claim delivered it).
                 found = await conn.fetchval(
                     "UPDATE watches SET state = $1, delivery_attempts = delivery_attempts + 1,"
                     " next_delivery_at = $2, last_error = $3, updated_at = $4"
-                    " WHERE watch_id = $5 AND state = 'delivering'"
-                    " AND ($6 OR next_delivery_at = $7) RETURNING watch_id",
+                    " WHERE watch_id = $5 AND state = 'delivering' AND next_delivery_at = $6"
+                    " RETURNING watch_id",
                     _NEW_STATE[r.outcome].value,
                     r.next_attempt_at,
                     r.last_error,
                     now,
                     r.watch_id,
-                    r.outcome is DeliveryOutcome.DELIVERED,
                     r.lease_until,
                 )
                 if found is not None:

@@ -628,20 +628,18 @@ class SQLiteStore:
             applied = set()
             for r in records:
                 # `state = 'delivering'` fences out a watch cancelled while its attempt was out;
-                # the lease, a retry or give-up of a claim another claimer has taken over since.
-                delivered = r.outcome is DeliveryOutcome.DELIVERED
+                # the lease, the outcome of a claim another claimer has taken over since (or a
+                # redelivery queued after that other claim delivered it).
                 updated = conn.execute(
                     "UPDATE watches SET state = ?, delivery_attempts = delivery_attempts + 1,"
                     " next_delivery_at = ?, last_error = ?, updated_at = ?"
-                    " WHERE watch_id = ? AND state = 'delivering'"
-                    " AND (? OR next_delivery_at = ?)",
+                    " WHERE watch_id = ? AND state = 'delivering' AND next_delivery_at = ?",
                     (
                         _NEW_STATE[r.outcome].value,
                         r.next_attempt_at,
                         r.last_error,
                         now,
                         r.watch_id,
-                        delivered,
                         r.lease_until,
                     ),
                 )

@@ -1059,12 +1059,10 @@ async def test_a_late_poll_result_leaves_a_stream_another_claim_holds(store: Sto
     assert 0 == (await get(store, "wt_1")).polls
 
 
-async def test_a_late_retry_leaves_a_callback_another_claim_holds_but_a_delivery_lands(
-    store: Store,
-) -> None:
-    """A deliverer paused past its lease records after another took the callback: a retry or a
-    give-up of the stale claim changes nothing (the receiver's Retry-After, recorded by the
-    other, stands); a delivery still lands (the receiver has it)."""
+async def test_a_late_outcome_leaves_a_callback_another_claim_holds(store: Store) -> None:
+    """A deliverer paused past its lease records after another took the callback: its give-up
+    changes nothing (the receiver's Retry-After, recorded by the other, stands), nor does its
+    delivery (the other claim delivers again: at least once, same webhook-id)."""
     await register(store, "wt_1")
     await register(store, "wt_2", callback_url=HOOK + "/2")
     await store.apply_poll_results([finish()], now=T0 + 1)
@@ -1085,7 +1083,7 @@ async def test_a_late_retry_leaves_a_callback_another_claim_holds_but_a_delivery
         ),
         record("wt_2", DeliveryOutcome.DELIVERED, lease_until=stale["wt_2"].lease_until),
     ]
-    assert {"wt_2"} == await store.record_deliveries(late, now=T0 + 41)
+    assert set() == await store.record_deliveries(late, now=T0 + 41)
 
     first = await get(store, "wt_1")
     assert (WatchState.DELIVERING, 1, "Retry-After: 850") == (
@@ -1093,7 +1091,27 @@ async def test_a_late_retry_leaves_a_callback_another_claim_holds_but_a_delivery
         first.delivery_attempts,
         first.last_error,
     )
-    assert WatchState.DELIVERED == (await get(store, "wt_2")).state
+    second = await get(store, "wt_2")
+    assert (WatchState.DELIVERING, 0) == (second.state, second.delivery_attempts)
+
+
+async def test_a_late_delivery_leaves_a_redelivery_queued_since(store: Store) -> None:
+    """Another claimer delivered the callback, the watch was then redelivered (queued again):
+    the paused claimer's late delivery does not mark it delivered, so the redelivery goes."""
+    await register(store, "wt_1")
+    await store.apply_poll_results([finish()], now=T0 + 1)
+    [stale] = await store.claim_due_deliveries(now=T0 + 2, limit=10, lease_s=LEASE)
+    [current] = await store.claim_due_deliveries(now=T0 + 2 + LEASE, limit=10, lease_s=LEASE)
+    done = record("wt_1", DeliveryOutcome.DELIVERED, lease_until=current.lease_until)
+    assert {"wt_1"} == await store.record_deliveries([done], now=T0 + 40)
+    assert await store.redeliver("wt_1", now=T0 + 41) is not None
+
+    late = record("wt_1", DeliveryOutcome.DELIVERED, lease_until=stale.lease_until)
+    assert set() == await store.record_deliveries([late], now=T0 + 42)
+
+    assert WatchState.DELIVERING == (await get(store, "wt_1")).state
+    [again] = await store.claim_due_deliveries(now=T0 + 42, limit=10, lease_s=LEASE)
+    assert "wt_1" == again.watch_id
 
 
 async def test_a_late_hand_back_leaves_a_callback_another_claim_holds(store: Store) -> None:
