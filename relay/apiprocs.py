@@ -19,7 +19,6 @@ whose stdin closes without STOP (the relay died) fails its calls as 503 and leav
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import itertools
 import logging
@@ -27,7 +26,7 @@ import os
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 
 import orjson
 from aiohttp import web
@@ -36,16 +35,17 @@ from relay import api, logs
 from relay.frames import (
     START_WAIT_S,
     STOP_GRACE_S,
+    ChildProcess,
     Drained,
     FrameDecoder,
     FrameError,
     IncomingFrames,
     Outbox,
     RestartPolicy,
-    child_env,
     encode,
     run_child,
     settle,
+    start_child,
 )
 from relay.metrics import Metrics
 from relay.models import NewWatch, Watch, WatchState
@@ -174,25 +174,13 @@ class CallServer:
 # --- the relay's side -----------------------------------------------------------------------------
 
 
-class _Child(asyncio.SubprocessProtocol):
+class _Child(ChildProcess):
     """One API process, as the relay sees it."""
 
     def __init__(self, pool: ApiProcessPool) -> None:
+        super().__init__()
         self._pool = pool
         self._decoder = _decoder()
-        self.transport: asyncio.SubprocessTransport | None = None
-        self.outbox: Outbox | None = None
-        loop = asyncio.get_running_loop()
-        self.ended: asyncio.Future[None] = loop.create_future()
-        self.settled_in: asyncio.Future[None] = loop.create_future()
-        self.started_at = 0.0
-        self.ready = False
-        self.gone = False
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports do not derive from asyncio's classes; they have the same methods.
-        self.transport = cast(asyncio.SubprocessTransport, transport)
-        self.outbox = Outbox(cast(asyncio.WriteTransport, self.transport.get_pipe_transport(0)))
 
     def pipe_data_received(self, fd: int, data: bytes | str) -> None:
         if fd != 1 or self.gone:
@@ -209,31 +197,11 @@ class _Child(asyncio.SubprocessProtocol):
             elif kind == EVENTS:
                 self._pool.apply_events(payload)
             elif kind == READY:
-                self.ready = True
-                settle(self.settled_in, None)
+                self.became_ready()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.gone = True
-        self.ready = False
-        settle(self.settled_in, None)
-        if self.transport is not None:
-            self.transport.close()
-        settle(self.ended, None)
+        self.went_away()
         self._pool.ended(self)
-
-    def send(self, frame: bytes) -> None:
-        if self.outbox is not None and not self.gone:
-            self.outbox.send(frame)
-
-    def kill(self) -> None:
-        self.ready = False
-        if self.transport is not None and not self.transport.is_closing():
-            with contextlib.suppress(ProcessLookupError):
-                self.transport.kill()
-
-    @property
-    def pid(self) -> int | None:
-        return None if self.transport is None else self.transport.get_pid()
 
 
 class ApiProcessPool:
@@ -260,10 +228,6 @@ class ApiProcessPool:
         self._stopping = False
         metrics.api_processes.set_function(lambda: sum(c.ready for c in self._children))
 
-    @property
-    def children(self) -> tuple[_Child, ...]:
-        return tuple(self._children)
-
     async def start(self) -> None:
         """Start the children and wait (a bounded time) until each listens."""
         for _ in range(self._processes):
@@ -274,18 +238,8 @@ class ApiProcessPool:
             logs.event(log, "api_processes_not_ready", logging.ERROR, waited_s=START_WAIT_S)
 
     async def _spawn(self) -> None:
-        loop = asyncio.get_running_loop()
         child = _Child(self)
-        await loop.subprocess_exec(
-            lambda: child,
-            *self._command,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=None,  # the child logs to the relay's stderr
-            env=child_env(),
-        )
-        child.started_at = loop.time()
-        child.send(encode(CONFIG, 0, orjson.dumps(self._config)))
+        await start_child(child, self._command, encode(CONFIG, 0, orjson.dumps(self._config)))
         self._children.append(child)
         logs.event(log, "api_process_started", pid=child.pid)
         if self._stopping:  # the shutdown began while it was being started
@@ -316,7 +270,7 @@ class ApiProcessPool:
             log,
             "api_process_exited",
             pid=child.pid,
-            returncode=child.transport.get_returncode() if child.transport else None,
+            returncode=child.returncode,
             lived_s=asyncio.get_running_loop().time() - child.started_at,
             exits=self._metrics.api_process_exits,
         )

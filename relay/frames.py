@@ -9,13 +9,14 @@ or a payload over the bound, means the other side is not speaking this protocol.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 import struct
 import sys
-from collections.abc import Callable, Coroutine
-from typing import Any
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, cast
 
 import orjson
 from prometheus_client import Counter
@@ -159,6 +160,73 @@ def frames_on_private_stdout() -> int:
     frames_out = os.dup(1)
     os.dup2(2, 1)
     return frames_out
+
+
+class ChildProcess(asyncio.SubprocessProtocol):
+    """A child process as the relay sees it: its stdin as an Outbox, whether it is ready (it
+    answered its CONFIG with READY) and whether it is gone. Subclasses read its stdout."""
+
+    def __init__(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.transport: asyncio.SubprocessTransport | None = None
+        self.outbox: Outbox | None = None
+        self.ended: asyncio.Future[None] = loop.create_future()
+        self.settled_in: asyncio.Future[None] = loop.create_future()  # READY, or gone
+        self.started_at = 0.0
+        self.ready = False
+        self.gone = False  # exited, both pipes closed
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports do not derive from asyncio's classes; they have the same methods.
+        self.transport = cast(asyncio.SubprocessTransport, transport)
+        self.outbox = Outbox(cast(asyncio.WriteTransport, self.transport.get_pipe_transport(0)))
+
+    def became_ready(self) -> None:
+        self.ready = True
+        settle(self.settled_in, None)
+
+    def went_away(self) -> None:
+        """The process has exited and both pipes are closed: every frame it wrote was read."""
+        self.gone = True
+        self.ready = False
+        settle(self.settled_in, None)  # nobody waits for a READY that cannot come
+        if self.transport is not None:
+            self.transport.close()  # the process is gone; this releases the transport itself
+        settle(self.ended, None)
+
+    def send(self, frame: bytes) -> None:
+        if self.outbox is not None and not self.gone:
+            self.outbox.send(frame)
+
+    def kill(self) -> None:
+        self.ready = False
+        if self.transport is not None and not self.transport.is_closing():
+            with contextlib.suppress(ProcessLookupError):
+                self.transport.kill()
+
+    @property
+    def pid(self) -> int | None:
+        return None if self.transport is None else self.transport.get_pid()
+
+    @property
+    def returncode(self) -> int | None:
+        return None if self.transport is None else self.transport.get_returncode()
+
+
+async def start_child(child: ChildProcess, command: Sequence[str], config: bytes) -> None:
+    """Start `command` as `child`, its stdin and stdout pipes of frames, its stderr the relay's
+    (it logs there), its environment without the relay's secrets; then send it `config`."""
+    loop = asyncio.get_running_loop()
+    await loop.subprocess_exec(
+        lambda: child,
+        *command,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=None,
+        env=child_env(),
+    )
+    child.started_at = loop.time()
+    child.send(config)
 
 
 class RestartPolicy:

@@ -17,14 +17,13 @@ SIGTERM and leave when their stdin closes, after their polls in flight: the rela
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 import orjson
 
@@ -34,16 +33,17 @@ from relay.frames import (
     HEADER,
     START_WAIT_S,
     STOP_GRACE_S,
+    ChildProcess,
     Drained,
     FrameDecoder,
     FrameError,
     IncomingFrames,
     Outbox,
     RestartPolicy,
-    child_env,
     encode,
     run_child,
     settle,
+    start_child,
 )
 from relay.metrics import Metrics
 from relay.models import PollOutcome, PollResult
@@ -120,27 +120,16 @@ class _Pending:
         done.append((self.deliver, self.key, answer))
 
 
-class _Child(asyncio.SubprocessProtocol):
+class _Child(ChildProcess):
     """One poll worker process, as the relay sees it."""
 
     def __init__(self, pool: PollWorkerPool) -> None:
+        super().__init__()
         self._pool = pool
         self._decoder = _decoder()
         self.pending: dict[int, _Pending] = {}
-        self.transport: asyncio.SubprocessTransport | None = None
-        self.outbox: Outbox | None = None
-        self.ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.started_at = 0.0
-        self.gone = False  # exited, both pipes closed
         self.dying = False  # killed, or its stream broken: no new polls go to it
-        self.ready = False  # it accepted its CONFIG: polls may go to it
-        self.settled_in: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.last_heard = 0.0  # loop time of its last bytes on stdout
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports do not derive from asyncio's classes; they have the same methods.
-        self.transport = cast(asyncio.SubprocessTransport, transport)
-        self.outbox = Outbox(cast(asyncio.WriteTransport, self.transport.get_pipe_transport(0)))
 
     def pipe_data_received(self, fd: int, data: bytes | str) -> None:
         if fd != 1 or self.gone or self.dying:
@@ -154,8 +143,7 @@ class _Child(asyncio.SubprocessProtocol):
         done: list[tuple[Deliver, int, Answer | PollResult]] = []
         for kind, request_id, small, payload in frames:
             if kind == READY:
-                self.ready = True
-                settle(self.settled_in, None)
+                self.became_ready()
                 continue
             entry = self.pending.get(request_id)
             if entry is None:
@@ -201,32 +189,17 @@ class _Child(asyncio.SubprocessProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         # The process has exited and both pipes are closed: every answer it wrote has been read.
-        self.gone = True
         done: list[tuple[Deliver, int, Answer | PollResult]] = []
         for entry in self.pending.values():
             entry.end(_WORKER_FAILED, done)
         self.pending.clear()
-        settle(self.settled_in, None)  # nobody waits for a READY that cannot come
-        if self.transport is not None:
-            self.transport.close()  # the process is gone; this releases the transport itself
-        settle(self.ended, None)
+        self.went_away()
         self._pool.ended(self)
         deliver_grouped(done)  # last: the pool's bookkeeping must not depend on the callback
 
-    def send(self, frame: bytes) -> None:
-        if self.outbox is not None and not self.gone:
-            self.outbox.send(frame)
-
     def kill(self) -> None:
         self.dying = True
-        self.ready = False
-        if self.transport is not None and not self.transport.is_closing():
-            with contextlib.suppress(ProcessLookupError):
-                self.transport.kill()
-
-    @property
-    def pid(self) -> int | None:
-        return None if self.transport is None else self.transport.get_pid()
+        super().kill()
 
 
 _WORKER_FAILED = PollResult(outcome=PollOutcome.NETWORK_ERROR, detail="poll worker exited")
@@ -281,18 +254,9 @@ class PollWorkerPool:
             logs.event(log, "poll_workers_not_ready", logging.ERROR, waited_s=START_WAIT_S)
 
     async def _spawn(self) -> None:
-        loop = asyncio.get_running_loop()
         child = _Child(self)
-        await loop.subprocess_exec(
-            lambda: child,
-            *self._command,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=None,  # the child logs to the relay's stderr
-            env=child_env(),
-        )
-        child.started_at = child.last_heard = loop.time()
-        child.send(encode(CONFIG, 0, orjson.dumps(self._config)))
+        await start_child(child, self._command, encode(CONFIG, 0, orjson.dumps(self._config)))
+        child.last_heard = child.started_at
         self._children.append(child)
         logs.event(log, "poll_worker_started", pid=child.pid)
 
@@ -386,7 +350,7 @@ class PollWorkerPool:
             log,
             "poll_worker_exited",
             pid=child.pid,
-            returncode=child.transport.get_returncode() if child.transport else None,
+            returncode=child.returncode,
             lived_s=asyncio.get_running_loop().time() - child.started_at,
             exits=self._metrics.poll_worker_exits,
         )

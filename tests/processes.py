@@ -30,6 +30,16 @@ def child_pids(pid: int) -> list[int]:
     return found
 
 
+async def children_started(pid: int, count: int, *, timeout: float = 20.0) -> list[int]:
+    """The processes `pid` started, once there are `count` of them (or `timeout` passed)."""
+
+    async def started() -> int:
+        return len(child_pids(pid))
+
+    await settle(started, count, timeout=timeout)
+    return child_pids(pid)
+
+
 def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -24,7 +24,6 @@ import asyncpg
 from relay.models import (
     ACTIVE_STATES,
     DeliveryJob,
-    DeliveryOutcome,
     DeliveryRecord,
     EventType,
     NewWatch,
@@ -37,6 +36,7 @@ from relay.models import (
 from relay.store.base import StoreConflict, StoreUnavailable
 from relay.store.rows import (
     claim_from_row,
+    delivery_record_params,
     dumps_or_none,
     job_from_row,
     task_update_params,
@@ -190,12 +190,6 @@ _DROP_UNWATCHED_TASKS = """
     DELETE FROM tasks t WHERE t.task_id = ANY($1::text[]) AND NOT EXISTS
         (SELECT 1 FROM watches w WHERE w.task_id = t.task_id AND w.state = 'watching')
 """
-
-_NEW_STATE = {
-    DeliveryOutcome.DELIVERED: WatchState.DELIVERED,
-    DeliveryOutcome.RETRY: WatchState.DELIVERING,
-    DeliveryOutcome.GAVE_UP: WatchState.FAILED,
-}
 
 
 def _row_count(status: str) -> int:
@@ -595,12 +589,7 @@ class PostgresStore:
                     " next_delivery_at = $2, last_error = $3, updated_at = $4"
                     " WHERE watch_id = $5 AND state = 'delivering' AND next_delivery_at = $6"
                     " RETURNING watch_id",
-                    _NEW_STATE[r.outcome].value,
-                    r.next_attempt_at,
-                    r.last_error,
-                    now,
-                    r.watch_id,
-                    r.lease_until,
+                    *delivery_record_params(r, now),
                 )
                 if found is not None:
                     applied.add(r.watch_id)

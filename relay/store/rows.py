@@ -8,6 +8,8 @@ import orjson
 
 from relay.models import (
     DeliveryJob,
+    DeliveryOutcome,
+    DeliveryRecord,
     EventType,
     NewWatch,
     TaskClaim,
@@ -71,6 +73,27 @@ def fresh_watch(new: NewWatch, *, watch_id: str, now: float, deadline_at: float)
         next_poll_at=now,
         delivery_attempts=0,
         last_error=None,
+    )
+
+
+# A watch's state after an attempt with each outcome.
+_STATE_AFTER = {
+    DeliveryOutcome.DELIVERED: WatchState.DELIVERED,
+    DeliveryOutcome.RETRY: WatchState.DELIVERING,
+    DeliveryOutcome.GAVE_UP: WatchState.FAILED,
+}
+
+
+def delivery_record_params(record: DeliveryRecord, now: float) -> tuple[Any, ...]:
+    """Parameters of both stores' delivery-record statement: new state, next attempt, last
+    error, updated at, watch id, the claim's lease."""
+    return (
+        _STATE_AFTER[record.outcome].value,
+        record.next_attempt_at,
+        record.last_error,
+        now,
+        record.watch_id,
+        record.lease_until,
     )
 
 

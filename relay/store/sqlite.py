@@ -21,7 +21,6 @@ from typing import Any, TypeVar
 from relay.models import (
     ACTIVE_STATES,
     DeliveryJob,
-    DeliveryOutcome,
     DeliveryRecord,
     EventType,
     NewWatch,
@@ -34,6 +33,7 @@ from relay.models import (
 from relay.store.base import StoreConflict, StoreUnavailable
 from relay.store.rows import (
     claim_from_row,
+    delivery_record_params,
     dumps_or_none,
     fresh_watch,
     job_from_row,
@@ -107,13 +107,6 @@ _SELECT_WATCH = f"""
     SELECT {_WATCH_COLUMNS} FROM watches w
     LEFT JOIN tasks t ON t.task_id = w.task_id AND w.state = 'watching'
 """
-
-
-_NEW_STATE = {
-    DeliveryOutcome.DELIVERED: WatchState.DELIVERED,
-    DeliveryOutcome.RETRY: WatchState.DELIVERING,
-    DeliveryOutcome.GAVE_UP: WatchState.FAILED,
-}
 
 
 class SQLiteStore:
@@ -634,14 +627,7 @@ class SQLiteStore:
                     "UPDATE watches SET state = ?, delivery_attempts = delivery_attempts + 1,"
                     " next_delivery_at = ?, last_error = ?, updated_at = ?"
                     " WHERE watch_id = ? AND state = 'delivering' AND next_delivery_at = ?",
-                    (
-                        _NEW_STATE[r.outcome].value,
-                        r.next_attempt_at,
-                        r.last_error,
-                        now,
-                        r.watch_id,
-                        r.lease_until,
-                    ),
+                    delivery_record_params(r, now),
                 )
                 if updated.rowcount:
                     applied.add(r.watch_id)

@@ -20,7 +20,15 @@ from aiohttp import web
 from relay.apiprocs import CALL, CONFIG, LAST_KIND, MAX_PAYLOAD, READY, STOP, ApiConfig
 from relay.fake_upstream import Schedule, create_fake_upstream_app
 from relay.frames import FrameDecoder, encode
-from tests.processes import RelayProcess, alive, child_pids, free_port, loopback, settle
+from tests.processes import (
+    RelayProcess,
+    alive,
+    child_pids,
+    children_started,
+    free_port,
+    loopback,
+    settle,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -84,12 +92,8 @@ async def test_api_processes_serve_the_port_and_lose_nothing_through_a_kill(
             await relay.start()
             assert relay.proc is not None
             pid = relay.proc.pid
-
-            async def children() -> int:
-                return len(child_pids(pid))
-
-            assert 2 == await settle(children, 2, timeout=20)
-            first = child_pids(pid)
+            first = await children_started(pid, 2)
+            assert 2 == len(first)
             async with aiohttp.ClientSession() as session:
 
                 async def ready_children() -> float:

@@ -13,7 +13,7 @@ import pytest
 from aiohttp import web
 
 from relay.fake_upstream import Schedule, create_fake_upstream_app
-from tests.processes import RelayProcess, alive, child_pids, loopback, settle
+from tests.processes import RelayProcess, alive, child_pids, children_started, loopback, settle
 
 pytestmark = pytest.mark.slow
 
@@ -50,12 +50,8 @@ async def test_a_relay_with_poll_workers_delivers_every_watch_through_a_worker_k
             await relay.start()
             assert relay.proc is not None
             pid = relay.proc.pid
-
-            async def workers() -> int:
-                return len(child_pids(pid))
-
-            assert 2 == await settle(workers, 2, timeout=20)
-            first = child_pids(pid)
+            first = await children_started(pid, 2)
+            assert 2 == len(first)
             async with aiohttp.ClientSession() as session:
                 for n in range(WATCHES):
                     payload = {"taskId": f"tk-hiapi-w{n}", "callbackUrl": net.hook(n)}
