@@ -12,13 +12,12 @@ from relay.config import Settings
 from relay.delivery import Deliverer
 from relay.metrics import Metrics
 from relay.poller import Poller
-from relay.service import WatchService
+from relay.service import Clock, WatchService
 from relay.store.base import Store
 
 SETTINGS = web.AppKey("settings", Settings)
 STORE = web.AppKey("store", Store)
 METRICS = web.AppKey("metrics", Metrics)
-Clock = Callable[[], float]
 CallbackCheck = Callable[[str], Awaitable[URL]]
 
 CLOCK: web.AppKey[Clock] = web.AppKey("clock")
