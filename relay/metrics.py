@@ -4,15 +4,19 @@ alerts use them. No label ever carries a task id, watch id, URL or host."""
 from __future__ import annotations
 
 import platform
+import time
+from bisect import bisect_left
+from collections.abc import Callable, Iterator, Sequence
 
 from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
-    Histogram,
     PlatformCollector,
     ProcessCollector,
 )
+from prometheus_client.metrics_core import Metric
+from prometheus_client.utils import floatToGoString
 
 from relay import __version__
 from relay.models import DeliveryOutcome, PollOutcome, TaskStatus, WatchState
@@ -29,6 +33,89 @@ HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5,
 
 FINISHED_RESULTS = ("delivered", "failed", "cancelled")
 
+# How prometheus_client writes a bucket's `le` ("0.005", "1.0", "+Inf"); it has no annotations.
+_format_le: Callable[[float], str] = floatToGoString
+
+
+class HistogramSeries:
+    """One label set's buckets: a count per bucket (not cumulative) and the sum."""
+
+    __slots__ = ("_bounds", "counts", "created", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self._bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf's
+        self.sum = 0.0
+        self.created = time.time()
+
+    def observe(self, amount: float) -> None:
+        # The first bound >= amount, as prometheus_client's `amount <= bound` scan finds it.
+        self.counts[bisect_left(self._bounds, amount)] += 1
+        self.sum += amount
+
+
+class LoopHistogram:
+    """A Prometheus histogram without locks, for the event loop's hot paths.
+
+    prometheus_client's Histogram takes two locks and scans its buckets on every observation
+    (1.6 us here); a poll makes two, a registration one. This one is a list per label set and
+    a bisect (0.3 us). It needs no lock because everything that observes and the /metrics
+    handler that collects run on the relay process's event loop thread: observe from nowhere
+    else. The exposition is a Histogram's, sample for sample: `_bucket` (cumulative, `le` as
+    prometheus_client formats it), `_count`, `_sum`, `_created`.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str] = (),
+        *,
+        buckets: Sequence[float],
+        registry: CollectorRegistry,
+    ) -> None:
+        bounds = tuple(sorted(float(b) for b in buckets if b != float("inf")))
+        self._name = name
+        self._documentation = documentation
+        self._labelnames = tuple(labelnames)
+        self._bounds = bounds
+        self._les = [_format_le(b) for b in bounds] + ["+Inf"]
+        self._series: dict[tuple[str, ...], HistogramSeries] = {}
+        # Like prometheus_client's: a histogram without labels has its one series from the start.
+        self._unlabelled = None if self._labelnames else self.labels()
+        registry.register(self)
+
+    def labels(self, *values: str) -> HistogramSeries:
+        if len(values) != len(self._labelnames):
+            raise ValueError(f"{self._name}: labels {self._labelnames}, got {values!r}")
+        series = self._series.get(values)
+        if series is None:
+            series = self._series[values] = HistogramSeries(self._bounds)
+        return series
+
+    def observe(self, amount: float) -> None:
+        """For a histogram without labels."""
+        if self._unlabelled is None:
+            raise ValueError(f"{self._name} has labels {self._labelnames}: observe via labels()")
+        self._unlabelled.observe(amount)
+
+    def describe(self) -> list[Metric]:
+        return [Metric(self._name, self._documentation, "histogram")]
+
+    def collect(self) -> Iterator[Metric]:
+        metric = Metric(self._name, self._documentation, "histogram")
+        name = self._name
+        for values, series in self._series.items():
+            labels = dict(zip(self._labelnames, values, strict=True))
+            cumulative = 0
+            for le, count in zip(self._les, series.counts, strict=True):
+                cumulative += count
+                metric.add_sample(f"{name}_bucket", {**labels, "le": le}, cumulative)
+            metric.add_sample(f"{name}_count", labels, cumulative)
+            metric.add_sample(f"{name}_sum", labels, series.sum)
+            metric.add_sample(f"{name}_created", labels, series.created)
+        yield metric
+
 
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
@@ -42,7 +129,7 @@ class Metrics:
         )
         self.build_info.labels(__version__, platform.python_version()).set(1)
 
-        self.poll_duration = Histogram(
+        self.poll_duration = LoopHistogram(
             "relay_upstream_poll_duration_seconds",
             "Time one upstream task poll took, by outcome.",
             ["outcome"],
@@ -76,13 +163,13 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
-        self.callback_duration = Histogram(
+        self.callback_duration = LoopHistogram(
             "relay_callback_duration_seconds",
             "Time one callback POST took.",
             buckets=CALLBACK_BUCKETS,
             registry=r,
         )
-        self.terminal_to_delivered = Histogram(
+        self.terminal_to_delivered = LoopHistogram(
             "relay_terminal_to_delivered_seconds",
             "From seeing a task's end to the receiver's 2xx.",
             buckets=TERMINAL_TO_DELIVERED_BUCKETS,
@@ -100,7 +187,7 @@ class Metrics:
             ["reason"],
             registry=r,
         )
-        self.scheduler_lag = Histogram(
+        self.scheduler_lag = LoopHistogram(
             "relay_scheduler_lag_seconds",
             "How late a poll or a callback attempt ran against its due time.",
             ["loop"],
@@ -152,7 +239,7 @@ class Metrics:
             ["route", "method", "code"],
             registry=r,
         )
-        self.http_duration = Histogram(
+        self.http_duration = LoopHistogram(
             "relay_http_request_duration_seconds",
             "Time the relay's API took to answer, by route.",
             ["route", "method"],

@@ -215,6 +215,9 @@ class Poller(ClaimLoop[TaskClaim]):
         now = self._clock()
         done: list[tuple[TaskClaim, PollResult, TaskUpdate | TaskFinish]] = []
         taken = 0
+        # Counted once per batch: a Counter.inc takes a lock (0.8 us), and a poll has two.
+        outcomes: dict[PollOutcome, int] = {}
+        statuses: dict[TaskStatus, int] = {}
         for key, answer in answers:
             entry = self._outstanding.pop(key, None)
             if entry is None:
@@ -227,10 +230,12 @@ class Poller(ClaimLoop[TaskClaim]):
                     if isinstance(answer, PollResult)
                     else answer.classify(claim.task_id, now)
                 )
-                self._poll_duration[result.outcome].observe(finished - started)
-                self._polls[result.outcome].inc()
+                outcome = result.outcome
+                self._poll_duration[outcome].observe(finished - started)
+                outcomes[outcome] = outcomes.get(outcome, 0) + 1
                 if result.snapshot is not None:
-                    self._task_status[result.snapshot.status].inc()
+                    status = result.snapshot.status
+                    statuses[status] = statuses.get(status, 0) + 1
                 self._track_auth(result, now)
                 plan = plan_after_poll(
                     claim, result, now=now, rand=self._rand(), policy=self._policy
@@ -239,6 +244,10 @@ class Poller(ClaimLoop[TaskClaim]):
                 self._item_crashed()
                 continue
             done.append((claim, result, plan))
+        for outcome, count in outcomes.items():
+            self._polls[outcome].inc(count)
+        for status, count in statuses.items():
+            self._task_status[status].inc(count)
         self._requests_in_flight -= taken
         # RELAY_UPSTREAM_CONCURRENCY bounds requests in flight: the next polls may start while
         # these results wait for their write.

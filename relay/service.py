@@ -12,12 +12,12 @@ import logging
 from collections.abc import Callable
 from typing import Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import RestrictedRegistry
 
 from relay import logs
-from relay.metrics import Metrics
+from relay.metrics import HistogramSeries, Metrics
 from relay.models import NewWatch, Watch, WatchState
 from relay.store.base import Store, StoreUnavailable
 
@@ -85,7 +85,7 @@ class LocalService:
         # The metric children of each (route, method, code), looked up once: `labels()` is ~2 us
         # a call, two calls a request. Bounded: the API passes canonical routes or "unmatched"
         # and HTTP's registered methods or "other".
-        self._http: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
+        self._http: dict[tuple[str, str, int], tuple[Counter, HistogramSeries]] = {}
 
     async def register(self, new: NewWatch) -> tuple[Watch, bool]:
         now = self._clock()
