@@ -30,14 +30,15 @@ class TaskStatus(enum.StrEnum):
 
     @classmethod
     def parse(cls, raw: str) -> TaskStatus:
-        try:
-            return cls(raw)
-        except ValueError:
-            return cls.UNKNOWN
+        # A dict lookup: the enum's own call is 1 us, once per poll.
+        return _TASK_STATUSES.get(raw, cls.UNKNOWN)
 
     @property
     def terminal(self) -> bool:
         return self in (TaskStatus.SUCCESS, TaskStatus.FAIL)
+
+
+_TASK_STATUSES = {status.value: status for status in TaskStatus}
 
 
 class EventType(enum.StrEnum):
@@ -91,7 +92,11 @@ class Watch:
     deadline_at: float
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+# _PER_POLL: the records made once per poll (a claim, a snapshot, a result, a plan) are plain
+# dataclasses, values all the same: nothing assigns to their fields after construction. Frozen,
+# each field is set through object.__setattr__: 1.8 against 0.7 us for seven fields, measured,
+# about 4 us of a poll's 130 for the four a poll makes.
+@dataclass(slots=True, kw_only=True)  # not frozen: see _PER_POLL
 class TaskSnapshot:
     """The `data` object of one upstream answer, parsed enough to decide, kept whole to forward."""
 
@@ -101,7 +106,7 @@ class TaskSnapshot:
     data: dict[str, Any]
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)  # not frozen: see _PER_POLL
 class PollResult:
     outcome: PollOutcome
     snapshot: TaskSnapshot | None = None
@@ -110,7 +115,7 @@ class PollResult:
     detail: str | None = None
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)  # not frozen: see _PER_POLL
 class TaskClaim:
     """One task's poll stream, claimed for one poll; carries the schedule state policy needs."""
 
@@ -125,7 +130,7 @@ class TaskClaim:
     lease_until: float
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)  # not frozen: see _PER_POLL
 class TaskUpdate:
     """What one poll changes on a task's poll stream (when the task is not finished)."""
 
@@ -141,7 +146,7 @@ class TaskUpdate:
     lease_until: float
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)  # not frozen: see _PER_POLL
 class TaskFinish:
     """A task reached an end: every watching watch of it moves to delivering."""
 
