@@ -142,6 +142,7 @@ class Child:
     log_path: Path
     env: dict[str, str] = field(default_factory=dict)
     port: int = 0
+    cwd: Path = REPO_ROOT  # `-m relay` runs the relay of this tree (bench.ab runs two)
     proc: asyncio.subprocess.Process | None = None
     started_at: float = 0.0
 
@@ -164,7 +165,7 @@ class Child:
                 str(os.getpid()),
                 *self.args,
                 env=child_env(self.env),
-                cwd=REPO_ROOT,
+                cwd=self.cwd,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE if pipe_stdout else log,
                 stderr=log,

@@ -20,6 +20,7 @@ import orjson
 
 from bench import seed
 from bench.procs import (
+    REPO_ROOT,
     Child,
     CpuMeter,
     Profile,
@@ -180,9 +181,10 @@ class Bench:
         return {"file": str(profile.out), **summary}
 
     async def relay(
-        self, stack: AsyncExitStack, name: str, settings: dict[str, str]
+        self, stack: AsyncExitStack, name: str, settings: dict[str, str], tree: Path = REPO_ROOT
     ) -> tuple[Child, float]:
-        """A `relay serve` process on a fresh SQLite file unless `settings` names one."""
+        """A `relay serve` process of `tree`'s relay, on a fresh SQLite file unless `settings`
+        names one."""
         upstream = await self.fake_upstream()
         port = free_port()
         env = {
@@ -195,7 +197,7 @@ class Bench:
             "RELAY_SHUTDOWN_TIMEOUT_S": "2",
             **settings,
         }
-        child = Child(name, ["-m", "relay", "serve"], self.workdir / f"{name}.log", env, port)
+        child = Child(name, ["-m", "relay", "serve"], self.workdir / f"{name}.log", env, port, tree)
         ready_s = await launch(stack, self.session, child, ready_path="/readyz")
         return child, ready_s
 
@@ -410,7 +412,7 @@ async def polls_workers(b: Bench) -> dict[str, Any]:
 
 async def _polls(b: Bench, name: str, extra_settings: dict[str, str]) -> dict[str, Any]:
     plan = b.plan
-    settings = {**_fixed_interval_settings(plan, plan.polls_interval_s), **extra_settings}
+    settings = {**fixed_interval_settings(plan, plan.polls_interval_s), **extra_settings}
     upstream = await b.fake_upstream()
     async with AsyncExitStack() as stack:
         relay, _ = await b.relay(stack, name, settings)
@@ -489,7 +491,7 @@ async def _flip_and_measure(b: Bench, name: str, count: int, rate: float | None)
     """Pin `count` tasks to handling, watch them with one receiver, flip them to success at
     `rate` a second (None: all at once) and measure flip -> the receiver's arrival."""
     plan = b.plan
-    settings = _fixed_interval_settings(plan, plan.notify_interval_s) | {
+    settings = fixed_interval_settings(plan, plan.notify_interval_s) | {
         "RELAY_SIGNING_SECRET": generate_secret()
     }
     upstream = await b.fake_upstream()
@@ -593,7 +595,7 @@ async def scale(b: Bench) -> dict[str, Any]:
     return {"baseline": baseline, "sizes": sizes}
 
 
-def _fixed_interval_settings(plan: Plan, interval_s: float) -> dict[str, str]:
+def fixed_interval_settings(plan: Plan, interval_s: float) -> dict[str, str]:
     """Every stream polled every `interval_s`, the rate budget lifted."""
     return {
         "RELAY_UPSTREAM_RPS": LIFTED_RPS,
@@ -610,7 +612,7 @@ async def _baseline_rss(b: Bench) -> dict[str, Any]:
     await seed.create_schema(str(path))
     async with AsyncExitStack() as stack:
         relay, _ = await b.relay(
-            stack, "scale-0", _fixed_interval_settings(plan, plan.scale_base_interval_s)
+            stack, "scale-0", fixed_interval_settings(plan, plan.scale_base_interval_s)
         )
         await asyncio.sleep(plan.baseline_settle_s)
         await b.scrape(relay)  # the scrape path's own allocations belong to the baseline
@@ -634,7 +636,7 @@ async def _one_size(b: Bench, watches: int, baseline_rss: int) -> dict[str, Any]
         callback_url=UNUSED_CALLBACK,
         start_in_s=3.0 + 3.0 * watches / 1_000_000,  # the due index rebuild and the relay's start
     )
-    settings = _fixed_interval_settings(plan, interval)
+    settings = fixed_interval_settings(plan, interval)
     async with AsyncExitStack() as stack:
         relay, ready_s = await b.relay(stack, name, settings)
         await sleep_until(time.monotonic() + max(0.0, seeded.due_from - time.time()))
@@ -694,7 +696,7 @@ async def replicas(b: Bench) -> dict[str, Any]:
         settings = {
             "RELAY_STORE_URL": dsn,
             "RELAY_POSTGRES_SCHEMA": schema,
-            **_fixed_interval_settings(plan, plan.polls_interval_s),
+            **fixed_interval_settings(plan, plan.polls_interval_s),
         }
         try:
             async with AsyncExitStack() as stack:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 
@@ -48,3 +49,36 @@ def test_client_gets_a_200_for_every_get_in_both_loops(capsys: pytest.CaptureFix
             assert float(match[4]) > 0, line
             seen.append(match[1])
     assert ["bare", "relay", "relay", "bare"] == seen, out
+
+
+@pytest.mark.slow
+def test_ab_runs_two_trees_at_once_and_reports_each_ones_cpu_per_poll(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """This tree against itself: both relays poll, and the summary names both figures."""
+    from bench.ab import main as ab_main
+    from bench.procs import REPO_ROOT
+
+    args = [str(REPO_ROOT), "--rounds", "2", "--window", "1", "--watches", "50", "--warmup", "1"]
+    assert 0 == ab_main(args)
+
+    out = capsys.readouterr().out
+    windows = re.findall(r"A\s+([\d,]+) polls/s\s+([\d.]+) us/poll\s+B\s+([\d,]+) polls/s", out)
+    assert 2 == len(windows), out
+    for a_rate, a_us, b_rate in windows:
+        assert int(a_rate.replace(",", "")) > 0, out
+        assert int(b_rate.replace(",", "")) > 0, out
+        assert float(a_us) > 0, out
+    summary = re.search(
+        r"CPU per poll: A ([\d.]+) us .* B ([\d.]+) us .*; B/A ([\d.]+)$", out, re.M
+    )
+    assert summary is not None, out
+    assert float(summary[3]) == pytest.approx(float(summary[2]) / float(summary[1]), abs=1e-3)
+
+
+def test_ab_refuses_a_directory_without_a_relay(tmp_path: Path) -> None:
+    from bench.ab import main as ab_main
+
+    with pytest.raises(SystemExit) as exc:
+        ab_main([str(tmp_path)])
+    assert 2 == exc.value.code
