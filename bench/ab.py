@@ -1,6 +1,6 @@
 """A/B: two relay trees poll at the same time against one fake upstream; CPU per poll of each.
 
-    git worktree add /tmp/base HEAD~1     # the tree to compare against
+    git worktree add /tmp/base main       # the commit to compare against (not one with the change)
     python -m bench.ab /tmp/base [--rounds 4] [--window 15] [--watches 2000]
 
 These VMs' speed drifts by a quarter within minutes, more than most changes are worth: runs one

@@ -3,10 +3,12 @@ alerts use them. No label ever carries a task id, watch id, URL or host."""
 
 from __future__ import annotations
 
+import os
 import platform
 import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterator, Sequence
+from math import isnan
 
 from prometheus_client import (
     CollectorRegistry,
@@ -33,6 +35,12 @@ HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5,
 
 FINISHED_RESULTS = ("delivered", "failed", "cancelled")
 
+# prometheus_client's own switch for `_created` series, read the way it reads it.
+_EXPOSE_CREATED = os.environ.get("PROMETHEUS_DISABLE_CREATED_SERIES", "False").lower() not in (
+    "true",
+    "1",
+    "t",
+)
 # How prometheus_client writes a bucket's `le` ("0.005", "1.0", "+Inf"); it has no annotations.
 _format_le: Callable[[float], str] = floatToGoString
 
@@ -49,9 +57,11 @@ class HistogramSeries:
         self.created = time.time()
 
     def observe(self, amount: float) -> None:
+        self.sum += amount
+        if isnan(amount):  # in no bucket, as `amount <= bound` never holds for NaN
+            return
         # The first bound >= amount, as prometheus_client's `amount <= bound` scan finds it.
         self.counts[bisect_left(self._bounds, amount)] += 1
-        self.sum += amount
 
 
 class LoopHistogram:
@@ -74,6 +84,9 @@ class LoopHistogram:
         buckets: Sequence[float],
         registry: CollectorRegistry,
     ) -> None:
+        for label in labelnames:
+            if label == "le" or label.startswith("__"):
+                raise ValueError(f"{name}: label {label!r} is reserved")
         bounds = tuple(sorted(float(b) for b in buckets if b != float("inf")))
         self._name = name
         self._documentation = documentation
@@ -86,11 +99,15 @@ class LoopHistogram:
         registry.register(self)
 
     def labels(self, *values: str) -> HistogramSeries:
-        if len(values) != len(self._labelnames):
-            raise ValueError(f"{self._name}: labels {self._labelnames}, got {values!r}")
         series = self._series.get(values)
         if series is None:
-            series = self._series[values] = HistogramSeries(self._bounds)
+            if len(values) != len(self._labelnames):
+                raise ValueError(f"{self._name}: labels {self._labelnames}, got {values!r}")
+            # As prometheus_client: values are text (a number would break every later scrape).
+            key = tuple(str(value) for value in values)
+            series = self._series.get(key)
+            if series is None:
+                series = self._series[key] = HistogramSeries(self._bounds)
         return series
 
     def observe(self, amount: float) -> None:
@@ -113,7 +130,8 @@ class LoopHistogram:
                 metric.add_sample(f"{name}_bucket", {**labels, "le": le}, cumulative)
             metric.add_sample(f"{name}_count", labels, cumulative)
             metric.add_sample(f"{name}_sum", labels, series.sum)
-            metric.add_sample(f"{name}_created", labels, series.created)
+            if _EXPOSE_CREATED:
+                metric.add_sample(f"{name}_created", labels, series.created)
         yield metric
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 import pytest
@@ -30,9 +31,9 @@ def _without_created(text: bytes) -> bytes:
     return _CREATED.sub(b"", text)
 
 
-# Bounds themselves, just either side of them, 0, negatives, past the last bound.
+# Bounds themselves, just either side of them, 0, negatives, past the last bound, NaN, inf.
 _amounts = st.one_of(
-    st.sampled_from([0.0, 0.005, 0.01, 60.0, 61.0, -1.0, 1e9]),
+    st.sampled_from([0.0, 0.005, 0.01, 60.0, 61.0, -1.0, 1e9, math.nan, math.inf]),
     st.floats(min_value=-10, max_value=100, allow_nan=False),
 )
 
@@ -77,6 +78,23 @@ def test_wrong_label_counts_are_refused() -> None:
         loop.labels()
     with pytest.raises(ValueError, match="observe via labels"):
         loop.observe(1.0)
+
+
+@pytest.mark.parametrize("label", ["le", "__name"])
+def test_reserved_label_names_are_refused(label: str) -> None:
+    with pytest.raises(ValueError, match="reserved"):
+        LoopHistogram(
+            "h_seconds", "Doc.", (label,), buckets=POLL_BUCKETS, registry=CollectorRegistry()
+        )
+
+
+def test_label_values_are_text_as_prometheus_clients_are() -> None:
+    """A number as a label value (a child process's event, say) must not break every scrape."""
+    reference, loop, theirs, ours = _pair(("outcome",))
+    loop.labels(3).observe(0.5)  # type: ignore[arg-type]
+    reference.labels(3).observe(0.5)
+    assert loop.labels("3") is loop.labels(3)  # type: ignore[arg-type]
+    assert _without_created(generate_latest(ours)) == _without_created(generate_latest(theirs))
 
 
 def test_a_restricted_registry_selects_a_loop_histogram_by_its_sample_names() -> None:
