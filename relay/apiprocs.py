@@ -68,8 +68,13 @@ EVENTS = 7  # payload: JSON list of metric events (see RemoteService)
 LAST_KIND = EVENTS
 
 PROTOCOL_VERSION = 1
-# A page of 1,000 watches with 4 KiB of metadata each, and room to spare.
+# A page of 1,000 watches, each with 4 KiB of metadata and a 2,048-character (percent-encoded)
+# callback URL: about 7 MiB, and room to spare. The relay never sends more (CallServer.answer):
+# a child that read a longer frame could not find the next one, and would have to start again.
 MAX_PAYLOAD = 16 * 1024 * 1024
+# How long an idle keep-alive connection stays open: web.run_app's default, which the relay
+# process uses (a bare AppRunner's is an hour).
+KEEPALIVE_TIMEOUT_S = 75.0
 # A call the relay process has not answered in this long answers 503 (the store's own waits,
 # RELAY_SQLITE_BUSY_TIMEOUT_MS or a PostgreSQL statement, end well before it).
 CALL_TIMEOUT_S = 30.0
@@ -130,8 +135,7 @@ class CallServer:
         """The (kind, payload) of the frame that answers the CALL carrying `payload`."""
         try:
             method, *arguments = orjson.loads(payload)
-            result = await self._methods[method](*arguments)
-            return RESULT, orjson.dumps(result)
+            result = orjson.dumps(await self._methods[method](*arguments))
         except StoreUnavailable as exc:  # the child counts and logs it, as the relay would
             return FAILED, orjson.dumps(["unavailable", str(exc)])
         except StoreConflict as exc:
@@ -139,6 +143,10 @@ class CallServer:
         except Exception:  # a bug: logged here whole, a bare 500 there
             log.exception("api_call_crashed")
             return FAILED, orjson.dumps(["internal", ""])
+        if len(result) > MAX_PAYLOAD:  # the limits above should make this impossible
+            logs.event(log, "api_answer_too_large", logging.ERROR, method=method, size=len(result))
+            return FAILED, orjson.dumps(["internal", ""])
+        return RESULT, result
 
     def apply_events(self, payload: bytes) -> None:
         service = self._service
@@ -490,6 +498,7 @@ async def _serve(config: ApiConfig, frames_out: int) -> None:
         create_api_process_app(config, service),
         access_log=None,
         shutdown_timeout=config.shutdown_timeout_s,
+        keepalive_timeout=KEEPALIVE_TIMEOUT_S,  # run_app's, as the relay process has
     )
     await runner.setup()
     try:

@@ -64,6 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _serve(settings: Settings) -> int:
+    from relay.apiprocs import KEEPALIVE_TIMEOUT_S
     from relay.app import create_app
 
     fatal: list[bool] = []
@@ -87,6 +88,7 @@ def _serve(settings: Settings) -> int:
             port=settings.port,
             # Handlers get this long after SIGTERM; the loops' drain bound is the same setting.
             shutdown_timeout=settings.shutdown_timeout_s,
+            keepalive_timeout=KEEPALIVE_TIMEOUT_S,  # the API processes' too
             access_log=None,
             print=None,
             # API processes bind the same port; the kernel spreads new connections over all.

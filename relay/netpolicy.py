@@ -275,6 +275,12 @@ def check_callback_url_syntax(url: str) -> URL:
         raise CallbackUrlRejected("callbackUrl must not have a #fragment")
     if parsed.explicit_port == 0:
         raise CallbackUrlRejected("callbackUrl port must be between 1 and 65535")
+    if len(str(parsed)) > MAX_URL_LENGTH:
+        # What is stored and sent is the percent-encoded form: `%F0%9F%98%80` for one emoji. Its
+        # length is what bounds a watch, a page of them and the frames that carry a page.
+        raise CallbackUrlRejected(
+            f"callbackUrl is longer than {MAX_URL_LENGTH} characters once percent-encoded"
+        )
     _check_numeric_host(parsed.raw_host)
     return parsed
 

@@ -10,7 +10,17 @@ import sys
 import orjson
 import pytest
 
-from relay.apiprocs import CALL, CONFIG, EVENTS, FAILED, RESULT, RelayUnreachable, RemoteService
+from relay import apiprocs
+from relay.apiprocs import (
+    CALL,
+    CONFIG,
+    EVENTS,
+    FAILED,
+    RESULT,
+    CallServer,
+    RelayUnreachable,
+    RemoteService,
+)
 from relay.frames import HEADER, encode
 from relay.models import NewWatch
 from relay.store.base import StoreConflict, StoreUnavailable
@@ -141,3 +151,33 @@ def test_an_api_process_refuses_a_config_of_another_protocol_version() -> None:
     assert 2 == done.returncode
     assert b"frame protocol 999" in done.stderr
     assert b"" == done.stdout
+
+
+class _PagingService:
+    """What CallServer needs of a LocalService, with a `get` whose answer has a chosen size."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    async def get(self, watch_id: str) -> dict[str, str]:
+        return {"watchId": watch_id, "pad": "x" * self.size}
+
+    cancel = redeliver = readiness = alive = get
+
+
+async def test_an_answer_too_large_for_one_frame_fails_that_call_not_the_child(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A child refuses a frame over MAX_PAYLOAD: past it, it could not find the next frame and
+    would have to start again, failing every request in flight. The relay answers that one call
+    with a failure instead (a 500 there), and the next call is answered as usual."""
+    monkeypatch.setattr(apiprocs, "MAX_PAYLOAD", 200)
+    service = _PagingService(300)
+    server = CallServer(service)  # type: ignore[arg-type]
+
+    kind, payload = await server.answer(orjson.dumps(["get", "w1"]))
+    assert (FAILED, ["internal", ""]) == (kind, orjson.loads(payload))
+
+    service.size = 10
+    kind, payload = await server.answer(orjson.dumps(["get", "w2"]))
+    assert (RESULT, {"watchId": "w2", "pad": "x" * 10}) == (kind, orjson.loads(payload))

@@ -206,6 +206,11 @@ async def test_allow_nets_do_not_excuse_legacy_numeric_hosts(host: str, address:
             "callbackUrl host '127.0.0.1.' looks numeric but is not a valid IPv4 address",
         ),
         ("http://example.com/" + "a" * 2030, "callbackUrl is longer than 2048 characters"),
+        (
+            # 700 characters as sent, 4,219 once percent-encoded: what is stored and called
+            "http://example.com/" + "\U0001f600" * 350,
+            "callbackUrl is longer than 2048 characters once percent-encoded",
+        ),
         ("http://example.com/h\r\nX-Evil: 1", "callbackUrl must not contain control characters"),
         ("http://example.com/h\tx", "callbackUrl must not contain control characters"),
         ("http://example.com/hook#part", "callbackUrl must not have a #fragment"),
@@ -224,6 +229,15 @@ def test_a_url_of_exactly_2048_characters_is_accepted() -> None:
     """The length limit is inclusive."""
     url = "https://example.com/" + "a" * 2028
     assert (len(url), check_callback_url_syntax(url)) == (2048, URL(url))
+
+
+def test_a_url_of_exactly_2048_characters_percent_encoded_is_accepted() -> None:
+    """Each emoji is 12 characters encoded: 20 + 12 * 169 = 2048."""
+    url = "https://example.com/" + "\U0001f600" * 169
+    checked = check_callback_url_syntax(url)
+    assert 2048 == len(str(checked))
+    with pytest.raises(CallbackUrlRejected, match="once percent-encoded"):
+        check_callback_url_syntax(url + "a")
 
 
 def test_credentials_never_appear_in_the_reason() -> None:
