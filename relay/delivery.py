@@ -235,18 +235,19 @@ class Deliverer(WorkLoop[DeliveryJob]):
         return accepted
 
     async def _unpark(self, host: str) -> None:
-        """A slot of `host` is free: a slot's worth of its parked callbacks (RELAY_DELIVERY_PER_HOST,
-        the earliest parked first) is due now, not when its deferral ends; the rest stay parked
-        for the next slot. Bringing all forward would only have the next claim park them again.
+        """Slots of `host` are free: as many of its parked callbacks as it has slots free (the
+        earliest parked first) are due now, not when their deferral ends; the rest stay parked
+        for the next slot. Bringing more forward would only have the next claim park them again
+        (two store writes each, and counted as deferred again).
 
         If the store cannot take that now, they fall due when the deferral ends: nothing is lost.
         """
         groups = self._parked.get(host)
-        if not groups:
+        room = self._per_host - self._host_in_flight[host]
+        if not groups or room <= 0:
             return
         # Take the ids before any await: a claim or another unpark may park or take meanwhile.
         now = self._clock()
-        room = self._per_host
         taken: list[tuple[float, list[str]]] = []
         for deferred_to in sorted(groups):
             ids = groups.pop(deferred_to)
@@ -297,11 +298,13 @@ class Deliverer(WorkLoop[DeliveryJob]):
         metrics.callback_duration.observe(time.perf_counter() - started)
         now = self._clock()
         record = plan_after_delivery(item, result, now=now, rand=self._rand(), policy=self._policy)
-        applied = await self._store.record_deliveries([record], now=now)
+        # The attempt happened whether or not its record is written: counted before the write,
+        # which may fail (the callback is then attempted again, and counted again).
         metrics.callback_attempts.labels(record.outcome.value).inc()
+        applied = await self._store.record_deliveries([record], now=now)
         # Not applied: the watch was cancelled while its attempt was out (it ended, and was
         # counted, as cancelled), or this claim's lease ran out and another claimer took the
-        # callback over (its own record counts). The attempt itself did happen: counted above.
+        # callback over (its own record counts).
         if item.watch_id in applied:
             if record.outcome is DeliveryOutcome.DELIVERED:
                 metrics.terminal_to_delivered.observe(max(0.0, now - item.event_at))

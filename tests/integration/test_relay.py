@@ -493,6 +493,44 @@ async def test_one_receiver_gets_at_most_its_share_of_attempts_in_flight(
     assert 16.0 == relay.sample("relay_callbacks_deferred_total", {"reason": "receiver_busy"})
 
 
+async def _next_arrival(receiver: Receiver, count: int) -> None:
+    """Wait until the receiver has had `count` requests (each arrival sets `arrived`)."""
+    while len(receiver.requests) < count:
+        receiver.arrived.clear()
+        if len(receiver.requests) < count:
+            await asyncio.wait_for(receiver.arrived.wait(), 10)
+
+
+async def test_a_freed_slot_brings_forward_one_waiting_callback_not_a_slot_s_worth(
+    make_relay: RelayFactory, upstream: Upstream, receiver: Receiver
+) -> None:
+    """The receiver's attempts end one at a time: each freed slot brings forward as many waiting
+    callbacks as the receiver has slots free (one), not RELAY_DELIVERY_PER_HOST (4), which the
+    next claim would mostly defer again (each such round trip two store writes and a count)."""
+    relay = await make_relay(delivery_per_host=4)
+    for i in range(12):
+        await upstream.flip(f"{TASK}{i}", "success")
+        await relay.register(f"{TASK}{i}", receiver.at(f"/h{i}"))
+        receiver.gates[f"/h{i}"] = asyncio.Event()
+    await relay.poll()
+    stopping = asyncio.Event()
+    running = asyncio.create_task(relay.app[DELIVERER].run(stopping))
+    try:
+        await _next_arrival(receiver, 4)
+        for n in range(4, 12):  # end the oldest attempt; the next callback goes in its slot
+            receiver.gates[receiver.requests[n - 4].path].set()
+            await _next_arrival(receiver, n + 1)
+        for gate in receiver.gates.values():
+            gate.set()
+    finally:
+        stopping.set()
+        await asyncio.wait_for(running, 10)
+
+    assert 12 == len({r.path for r in receiver.requests}) == len(receiver.requests)
+    # The 8 that waited at first, each deferred once.
+    assert 8.0 == relay.sample("relay_callbacks_deferred_total", {"reason": "receiver_busy"})
+
+
 async def test_callbacks_waiting_for_a_receiver_whose_attempts_hang_go_after_an_attempt_s_time(
     make_relay: RelayFactory, upstream: Upstream, receiver: Receiver
 ) -> None:
@@ -561,6 +599,8 @@ async def test_a_failed_record_still_frees_the_receiver_for_its_parked_callbacks
     assert 1 == await relay.deliver()  # one attempt (its record fails), the other parked
     assert 1 == await relay.deliver()  # the clock has not moved: the parked one goes now
     assert 2 == len(receiver.requests)
+    # Both attempts happened, the one whose record failed included.
+    assert 2.0 == relay.sample("relay_callback_attempts_total", {"outcome": "delivered"})
 
 
 async def test_a_receiver_freed_while_its_callbacks_were_being_parked_gets_them_at_once(
