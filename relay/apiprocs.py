@@ -24,6 +24,7 @@ import itertools
 import logging
 import os
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -55,19 +56,21 @@ from relay.state import SERVICE
 from relay.store.base import StoreConflict, StoreUnavailable
 
 log = logging.getLogger("relay.apiprocs")
+# "busy": the relay process did not take the call on (a 503 not counted as a store error).
+_OVERLOADED = orjson.dumps(["busy", "the relay process is busy with this process's calls"])
 
 # relay -> child
 CONFIG = 1  # payload: JSON of ApiConfig; the first frame, once
 RESULT = 2  # payload: JSON of the call's result
-FAILED = 3  # payload: JSON [kind, message]: "unavailable", "conflict" or "internal"
+FAILED = 3  # payload: JSON [kind, message]: "unavailable", "conflict", "busy" or "internal"
 STOP = 4  # stop listening, finish the requests in flight, leave
 # child -> relay
 READY = 5  # the child listens on the port
-CALL = 6  # payload: JSON [method, *arguments]
+CALL = 6  # payload: JSON [deadline, method, *arguments]; deadline on CLOCK_MONOTONIC
 EVENTS = 7  # payload: JSON list of metric events (see RemoteService)
 LAST_KIND = EVENTS
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 # A page of 1,000 watches, each with 4 KiB of metadata and a 2,048-character (percent-encoded)
 # callback URL: about 7 MiB, and room to spare. The relay never sends more (CallServer.answer):
 # a child that read a longer frame could not find the next one, and would have to start again.
@@ -76,8 +79,12 @@ MAX_PAYLOAD = 16 * 1024 * 1024
 # process uses (a bare AppRunner's is an hour).
 KEEPALIVE_TIMEOUT_S = 75.0
 # A call the relay process has not answered in this long answers 503 (the store's own waits,
-# RELAY_SQLITE_BUSY_TIMEOUT_MS or a PostgreSQL statement, end well before it).
+# RELAY_SQLITE_BUSY_TIMEOUT_MS or a PostgreSQL statement, end well before it). The relay process
+# does not start a call past that deadline: its child has given up on it already.
 CALL_TIMEOUT_S = 30.0
+# Calls of one API process the relay process works on at once; past it, a call answers 503 at
+# once (its child keeps serving), so a stalled store cannot pile up unbounded work.
+MAX_CALLS_PER_CHILD = 1024
 # /healthz in an API process asks the relay process too: a wedged relay must fail its liveness
 # probe, as it would if it served the probe itself.
 HEALTH_TIMEOUT_S = 5.0
@@ -118,8 +125,11 @@ def _watch(fields: dict[str, Any] | None) -> Watch | None:
 class CallServer:
     """The relay's side of the calls: each CALL's answer, each EVENTS frame applied."""
 
-    def __init__(self, service: LocalService) -> None:
+    def __init__(
+        self, service: LocalService, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self._service = service
+        self._clock = clock
         self._methods: dict[str, Callable[..., Awaitable[Any]]] = {
             "register": self._register,
             "get": service.get,
@@ -134,7 +144,9 @@ class CallServer:
     async def answer(self, payload: bytes) -> tuple[int, bytes]:
         """The (kind, payload) of the frame that answers the CALL carrying `payload`."""
         try:
-            method, *arguments = orjson.loads(payload)
+            deadline, method, *arguments = orjson.loads(payload)
+            if self._clock() > deadline:  # its child answered 503 already: change nothing now
+                return FAILED, orjson.dumps(["busy", "the call waited past its deadline"])
             result = orjson.dumps(await self._methods[method](*arguments))
         except StoreUnavailable as exc:  # the child counts and logs it, as the relay would
             return FAILED, orjson.dumps(["unavailable", str(exc)])
@@ -189,6 +201,7 @@ class _Child(ChildProcess):
         super().__init__()
         self._pool = pool
         self._decoder = _decoder()
+        self.calls_in_flight = 0  # CALLs being answered (ApiProcessPool.answer)
 
     def pipe_data_received(self, fd: int, data: bytes | str) -> None:
         if fd != 1 or self.gone:
@@ -254,10 +267,17 @@ class ApiProcessPool:
             child.send(encode(STOP, 0))
 
     def answer(self, child: _Child, request_id: int, payload: bytes) -> None:
+        if child.calls_in_flight >= MAX_CALLS_PER_CHILD:
+            child.send(encode(FAILED, request_id, _OVERLOADED))
+            return
+        child.calls_in_flight += 1
         self._keep(self._answer(child, request_id, payload))
 
     async def _answer(self, child: _Child, request_id: int, payload: bytes) -> None:
-        kind, answer = await self.calls.answer(payload)
+        try:
+            kind, answer = await self.calls.answer(payload)
+        finally:
+            child.calls_in_flight -= 1
         child.send(encode(kind, request_id, answer))
 
     def apply_events(self, payload: bytes) -> None:
@@ -355,13 +375,15 @@ class RemoteService:
         request_id = next(self._ids) & 0xFFFFFFFF
         answered: asyncio.Future[tuple[int, bytes]] = asyncio.get_running_loop().create_future()
         self._pending[request_id] = answered
-        self._outbox.send(encode(CALL, request_id, orjson.dumps([method, *arguments])))
+        deadline = time.monotonic() + timeout_s  # one clock for every process of the machine
+        self._outbox.send(encode(CALL, request_id, orjson.dumps([deadline, method, *arguments])))
         try:
             async with asyncio.timeout(timeout_s):
                 kind, payload = await answered
         except TimeoutError:
             raise RelayUnreachable(
                 f"the relay process did not answer within {timeout_s:g} s"
+                " (what was asked may still be done)"
             ) from None
         finally:
             self._pending.pop(request_id, None)
@@ -370,6 +392,8 @@ class RemoteService:
         failure, message = orjson.loads(payload)
         if failure == "unavailable":
             raise StoreUnavailable(message)
+        if failure == "busy":
+            raise RelayUnreachable(message)
         if failure == "conflict":
             raise StoreConflict(message)
         raise RuntimeError("the relay process failed this call (its log says why)")

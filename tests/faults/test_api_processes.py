@@ -228,7 +228,7 @@ async def test_an_api_process_whose_relay_dies_during_its_drain_answers_503_at_o
             )
             kind, _, _, call = await asyncio.wait_for(next_frame(), 20)
             assert CALL == kind
-            assert "register" == orjson.loads(call)[0]
+            assert "register" == orjson.loads(call)[1]  # after its deadline
             child.stdin.write(encode(STOP, 0))  # never answered: the relay dies now
             child.stdin.close()
             async with await asyncio.wait_for(posting, 20) as response:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+import time
 
 import orjson
 import pytest
@@ -17,11 +18,14 @@ from relay.apiprocs import (
     EVENTS,
     FAILED,
     RESULT,
+    ApiConfig,
+    ApiProcessPool,
     CallServer,
     RelayUnreachable,
     RemoteService,
 )
 from relay.frames import HEADER, encode
+from relay.metrics import Metrics
 from relay.models import NewWatch
 from relay.store.base import StoreConflict, StoreUnavailable
 
@@ -49,12 +53,42 @@ async def _answer_first_call(remote: RemoteService, sent: Sent, kind: int, body:
 
 async def test_a_registration_goes_out_as_one_call_frame_with_the_fields() -> None:
     sent = Sent()
-    remote = RemoteService(sent)
+    remote = RemoteService(sent, call_timeout_s=30.0)
+    before = time.monotonic()
     call = asyncio.ensure_future(remote.register(NEW))
     await _answer_first_call(remote, sent, FAILED, ["conflict", "x"])
     with pytest.raises(StoreConflict):
         await call
-    assert [(CALL, 1, ["register", "tk-hiapi-a", "http://127.0.0.1:9/h", {"n": 1}])] == sent.frames
+    [(kind, request_id, (deadline, *call_fields))] = sent.frames  # type: ignore[misc]
+    assert (CALL, 1) == (kind, request_id)
+    assert ["register", "tk-hiapi-a", "http://127.0.0.1:9/h", {"n": 1}] == call_fields
+    # When its child stops waiting for it, on the one monotonic clock of the machine.
+    assert before + 30.0 <= deadline <= time.monotonic() + 30.0
+
+
+async def test_a_call_past_its_deadline_changes_nothing_and_fails_as_busy() -> None:
+    """The relay process reads a call its child has given up on (it was stalled, say): it
+    answers without running it, so a 503 there is not followed by the change here."""
+    now = [100.0]
+    service = _PagingService(1)
+    server = CallServer(service, clock=lambda: now[0])  # type: ignore[arg-type]
+
+    kind, payload = await server.answer(orjson.dumps([99.0, "get", "w1"]))
+    assert (FAILED, "busy") == (kind, orjson.loads(payload)[0])
+    assert [] == service.asked
+
+    kind, payload = await server.answer(orjson.dumps([100.0, "get", "w2"]))
+    assert RESULT == kind
+    assert ["w2"] == service.asked
+
+
+async def test_a_busy_answer_is_a_503_for_the_relay_not_a_store_failure() -> None:
+    sent = Sent()
+    remote = RemoteService(sent)
+    call = asyncio.ensure_future(remote.get("w1"))
+    await _answer_first_call(remote, sent, FAILED, ["busy", "the relay process is busy"])
+    with pytest.raises(RelayUnreachable, match="busy"):
+        await call
 
 
 @pytest.mark.parametrize(
@@ -158,8 +192,10 @@ class _PagingService:
 
     def __init__(self, size: int) -> None:
         self.size = size
+        self.asked: list[str] = []
 
     async def get(self, watch_id: str) -> dict[str, str]:
+        self.asked.append(watch_id)
         return {"watchId": watch_id, "pad": "x" * self.size}
 
     cancel = redeliver = readiness = alive = get
@@ -175,9 +211,59 @@ async def test_an_answer_too_large_for_one_frame_fails_that_call_not_the_child(
     service = _PagingService(300)
     server = CallServer(service)  # type: ignore[arg-type]
 
-    kind, payload = await server.answer(orjson.dumps(["get", "w1"]))
+    later = time.monotonic() + 60
+    kind, payload = await server.answer(orjson.dumps([later, "get", "w1"]))
     assert (FAILED, ["internal", ""]) == (kind, orjson.loads(payload))
 
     service.size = 10
-    kind, payload = await server.answer(orjson.dumps(["get", "w2"]))
+    kind, payload = await server.answer(orjson.dumps([later, "get", "w2"]))
     assert (RESULT, {"watchId": "w2", "pad": "x" * 10}) == (kind, orjson.loads(payload))
+
+
+class _ChildPipe:
+    """What ApiProcessPool needs of one API process: its count of calls, and its pipe."""
+
+    def __init__(self) -> None:
+        self.calls_in_flight = 0
+        self.frames: list[tuple[int, int, object]] = []
+
+    def send(self, frame: bytes) -> None:
+        kind, request_id, _, _ = HEADER.unpack_from(frame)
+        self.frames.append((kind, request_id, orjson.loads(frame[HEADER.size :])))
+
+
+async def test_past_its_share_of_calls_an_api_process_is_answered_busy_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A stalled store must not let one API process pile up unbounded work in the relay
+    process: past MAX_CALLS_PER_CHILD calls in progress, the next is refused at once."""
+    monkeypatch.setattr(apiprocs, "MAX_CALLS_PER_CHILD", 2)
+    release = asyncio.Event()
+
+    class Stalled(_PagingService):
+        async def get(self, watch_id: str) -> dict[str, str]:
+            await release.wait()
+            return await super().get(watch_id)
+
+    config = ApiConfig(
+        host="127.0.0.1", port=9, api_tokens=(), callback_allow_nets=(),
+        shutdown_timeout_s=1.0, event_loop="asyncio", log_level="INFO",
+    )  # fmt: skip
+    pool = ApiProcessPool(config, processes=0, service=Stalled(1), metrics=Metrics())  # type: ignore[arg-type]
+    child = _ChildPipe()
+    later = time.monotonic() + 60
+    for request_id in (1, 2, 3):
+        pool.answer(child, request_id, orjson.dumps([later, "get", f"w{request_id}"]))  # type: ignore[arg-type]
+
+    assert [(FAILED, 3, ["busy", "the relay process is busy with this process's calls"])] == (
+        child.frames
+    )
+    assert 2 == child.calls_in_flight
+    release.set()
+    for _ in range(100):  # a few loop turns: the two calls finish and answer
+        if not child.calls_in_flight:
+            break
+        await asyncio.sleep(0)
+    assert 0 == child.calls_in_flight
+    assert [1, 2] == sorted(request_id for kind, request_id, _ in child.frames if kind == RESULT)
+    await pool.close()
