@@ -1,10 +1,12 @@
 """The callback receiver, run as its own process: answers 204 and records when each task arrived.
 
-    python -m bench.receiver --port P
+    python -m bench.receiver --port P [--hang]
 
 `POST /hook` records the wall-clock arrival time (the same clock the fake upstream stamps its
 flips with: one machine) of the first callback for each `data.taskId`.
 `GET /_recv/stats` answers `{"count": n, "duplicates": n, "arrivals": {taskId: epoch seconds}}`.
+With `--hang` every callback is recorded and then never answered: a receiver that accepts
+connections and hangs, until the relay's attempt times out.
 """
 
 from __future__ import annotations
@@ -19,9 +21,12 @@ from aiohttp import web
 
 from bench.serving import serve_until_stopped
 
+HANG_S = 3600.0
+
 
 class Receiver:
-    def __init__(self) -> None:
+    def __init__(self, *, hang: bool = False) -> None:
+        self.hang = hang
         self.arrivals: dict[str, float] = {}
         self.count = 0
         self.duplicates = 0
@@ -38,6 +43,8 @@ class Receiver:
             self.duplicates += 1
         else:
             self.arrivals[task_id] = arrived
+        if self.hang:
+            await asyncio.sleep(HANG_S)  # the relay gives up first, and closes the connection
         return web.Response(status=204)
 
     async def stats(self, request: web.Request) -> web.Response:
@@ -45,8 +52,8 @@ class Receiver:
         return web.Response(body=orjson.dumps(doc), content_type="application/json")
 
 
-async def serve(port: int) -> None:
-    receiver = Receiver()
+async def serve(port: int, *, hang: bool) -> None:
+    receiver = Receiver(hang=hang)
     app = web.Application()
     app.router.add_post("/hook", receiver.hook)
     app.router.add_get("/_recv/stats", receiver.stats)
@@ -56,7 +63,9 @@ async def serve(port: int) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(prog="bench.receiver")
     parser.add_argument("--port", type=int, required=True)
-    asyncio.run(serve(parser.parse_args().port))
+    parser.add_argument("--hang", action="store_true", help="never answer a callback")
+    args = parser.parse_args()
+    asyncio.run(serve(args.port, hang=args.hang))
     return 0
 
 

@@ -296,6 +296,22 @@ def _notify_rows(n: dict[str, Any], add: Add) -> None:
     add("", "cores used: relay / upstream / rest", _cores(n["cpu"], "relay", "upstream"))
 
 
+def _notify_blocked_rows(n: dict[str, Any], add: Add) -> None:
+    add(
+        "notify, a receiver hangs",
+        "flip -> 2xx p50 / p99 / max",
+        _ms(n["latency_ms"], "p50", "p99", "max"),
+    )
+    add("", "the hanging receiver: callbacks waiting",
+        f"{n['blocked_callbacks']:,} (attempts time out after {n['blocked_attempt_timeout_s']:g} s;"
+        f" {n['blocked_attempts_in_window']:,} made)")  # fmt: skip
+    add("", "deferred in the window: receiver at its 8 in flight",
+        f"{n['deferred_receiver_busy']:,.0f}")  # fmt: skip
+    add("", "received / expected (duplicates)",
+        f"{n['received']} / {n['expected']} ({n['duplicates']})")  # fmt: skip
+    add("", "cores used: relay / upstream / rest", _cores(n["cpu"], "relay", "upstream"))
+
+
 def _burst_rows(n: dict[str, Any], add: Add) -> None:
     drained = n["all_delivered_after_s"]
     add("burst", f"{n['expected']:,} tasks end at once, one receiver",
@@ -349,6 +365,7 @@ _ROWS: dict[str, Callable[[dict[str, Any], Add], None]] = {
     "polls-workers": _polls_rows,
     "notify": _notify_rows,
     "burst": _burst_rows,
+    "notify-blocked": _notify_blocked_rows,
     "scale": _scale_rows,
     "replicas": _replicas_rows,
 }

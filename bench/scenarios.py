@@ -73,6 +73,8 @@ class Plan:
     notify_rate: float = 50.0
     notify_interval_s: float = 1.0
     burst_watches: int = 2000
+    blocked_watches: int = 5000  # waiting for the hanging receiver in notify-blocked
+    blocked_timeout_s: float = 2.0  # its RELAY_DELIVERY_TIMEOUT_S: a turn every 3 s
     scale_sizes: tuple[int, ...] = (10_000, 100_000, 1_000_000)
     scale_base_interval_s: float = 60.0  # RELAY_POLL_MAX_S's default
     scale_demand_cap: float = 100_000 / 60.0  # polls/s; larger sizes get a longer interval
@@ -91,24 +93,26 @@ class Plan:
 
 FULL = Plan()
 QUICK = Plan(
-    ceiling_s=2.5,
+    ceiling_s=2.0,
     ceiling_warmup_s=0.5,
-    registration_s=2.5,
+    registration_s=2.0,
     registration_warmup_s=0.5,
     polls_watches=300,
-    polls_warmup_s=1.0,
-    polls_window_s=3.0,
+    polls_warmup_s=0.5,
+    polls_window_s=2.0,
     notify_watches=60,
     notify_interval_s=0.5,
     burst_watches=200,
+    blocked_watches=100,
+    blocked_timeout_s=0.5,
     scale_sizes=(10_000,),
-    scale_warmup_s=1.5,
-    scale_window_s=3.0,
+    scale_warmup_s=1.0,
+    scale_window_s=2.0,
     baseline_settle_s=1.0,
     replica_counts=(1, 2),
     replicas_watches=200,
-    replicas_warmup_s=1.0,
-    replicas_window_s=2.0,
+    replicas_warmup_s=0.5,
+    replicas_window_s=1.5,
 )
 
 
@@ -487,13 +491,29 @@ async def burst(b: Bench) -> dict[str, Any]:
     return await _flip_and_measure(b, "burst", b.plan.burst_watches, None)
 
 
-async def _flip_and_measure(b: Bench, name: str, count: int, rate: float | None) -> dict[str, Any]:
+async def notify_blocked(b: Bench) -> dict[str, Any]:
+    """notify, while another receiver hangs with a backlog: how much one receiver that never
+    answers delays the callbacks of a healthy one (RELAY_DELIVERY_PER_HOST keeps it from taking
+    every slot; its waiting callbacks still pass through the claim queue, once per turn)."""
+    plan = b.plan
+    return await _flip_and_measure(
+        b, "notify-blocked", plan.notify_watches, plan.notify_rate, blocked=plan.blocked_watches
+    )
+
+
+async def _flip_and_measure(
+    b: Bench, name: str, count: int, rate: float | None, *, blocked: int = 0
+) -> dict[str, Any]:
     """Pin `count` tasks to handling, watch them with one receiver, flip them to success at
-    `rate` a second (None: all at once) and measure flip -> the receiver's arrival."""
+    `rate` a second (None: all at once) and measure flip -> the receiver's arrival. With
+    `blocked`, that many callbacks wait for a second receiver that never answers (attempts
+    time out after plan.blocked_timeout_s) before the flips begin."""
     plan = b.plan
     settings = fixed_interval_settings(plan, plan.notify_interval_s) | {
         "RELAY_SIGNING_SECRET": generate_secret()
     }
+    if blocked:
+        settings["RELAY_DELIVERY_TIMEOUT_S"] = str(plan.blocked_timeout_s)
     upstream = await b.fake_upstream()
     prefix = f"tk-hiapi-slow-{name}-{b.tag}-"
     ids = [f"{prefix}{i}" for i in range(count)]
@@ -507,6 +527,7 @@ async def _flip_and_measure(b: Bench, name: str, count: int, rate: float | None)
         await launch(stack, b.session, receiver, ready_path="/_recv/stats")
         await _bounded(16, [_pin(b, f"{control}/{t}", "handling") for t in ids])
         relay, _ = await b.relay(stack, name, settings)
+        hanging = await _hanging_backlog(b, stack, relay, name, blocked) if blocked else None
         await b.register(relay, f"{name}-register", prefix, len(ids), f"{receiver.url}/hook")
         # Two intervals: every stream has had its first poll and runs at its steady pace.
         await asyncio.sleep(2 * plan.notify_interval_s)
@@ -529,6 +550,7 @@ async def _flip_and_measure(b: Bench, name: str, count: int, rate: float | None)
         cpu = meter.stop()
         profiled = await b.profile_result(profile)
         after = await b.scrape(relay)
+        hung = await b.get_json(f"{hanging.url}/_recv/stats") if hanging else None
     flips = (await b.get_json(f"{upstream.url}/_fake/stats"))["flips"]
     latencies = [stats["arrivals"][t] - flips[t] for t in ids if t in stats["arrivals"]]
     summary = latency_summary(latencies)
@@ -553,6 +575,15 @@ async def _flip_and_measure(b: Bench, name: str, count: int, rate: float | None)
                                         reason="receiver_busy"),
         "cpu": cpu,
         "profile": profiled,
+        **(
+            {
+                "blocked_callbacks": blocked,
+                "blocked_attempts_in_window": hung["count"] if hung else 0,
+                "blocked_attempt_timeout_s": plan.blocked_timeout_s,
+            }
+            if blocked
+            else {}
+        ),
         "config": {
             "watches": len(ids),
             "flip_rate_per_s": rate if rate is not None else "all at once",
@@ -561,6 +592,33 @@ async def _flip_and_measure(b: Bench, name: str, count: int, rate: float | None)
                                  "RELAY_DELIVERY_PER_HOST": "8 (default)"},
         },
     }  # fmt: skip
+
+
+async def _hanging_backlog(
+    b: Bench, stack: AsyncExitStack, relay: Child, name: str, count: int
+) -> Child:
+    """A receiver that never answers, with `count` callbacks for it: their tasks have ended
+    already, so each is polled once, and then they wait, RELAY_DELIVERY_PER_HOST at a time in
+    attempts that time out. Returns once all are waiting and a turn of deferrals has passed."""
+    upstream = await b.fake_upstream()
+    port = free_port()
+    hanging = Child(
+        "hanging-receiver", ["-m", "bench.receiver", "--port", str(port), "--hang"],
+        b.workdir / f"{name}-hanging.log", port=port,
+    )  # fmt: skip
+    await launch(stack, b.session, hanging, ready_path="/_recv/stats")
+    prefix = f"tk-hiapi-slow-{name}-hung-{b.tag}-"
+    control = f"{upstream.url}/_fake/tasks"
+    await _bounded(16, [_pin(b, f"{control}/{prefix}{i}", "success") for i in range(count)])
+    await b.register(relay, f"{name}-register-hung", prefix, count, f"{hanging.url}/hook")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # each task's end seen: its callback is waiting
+        if total(await b.scrape(relay), "relay_task_events_total") >= count:
+            break
+        await asyncio.sleep(0.1)
+    # One whole turn: the first attempts time out and the backlog is deferred at least once.
+    await asyncio.sleep(b.plan.blocked_timeout_s + 1.0 + b.plan.notify_interval_s)
+    return hanging
 
 
 async def _pin(b: Bench, url: str, status: str) -> None:
@@ -779,6 +837,7 @@ SCENARIOS: dict[str, Callable[[Bench], Awaitable[dict[str, Any]]]] = {
     "polls-workers": polls_workers,
     "notify": notify,
     "burst": burst,
+    "notify-blocked": notify_blocked,
     "scale": scale,
     "replicas": replicas,
 }

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RUN_TIMEOUT_S = 120.0
 SCENARIOS = [
-    "burst", "ceiling", "notify", "polls", "polls-workers", "registration",
+    "burst", "ceiling", "notify", "notify-blocked", "polls", "polls-workers", "registration",
     "registration-processes", "replicas", "scale",
 ]  # fmt: skip
 
@@ -49,6 +49,10 @@ def _figures(doc: dict[str, Any]) -> dict[str, Any]:
         "notify.latency_ms.p99": s["notify"]["latency_ms"]["p99"],
         "notify.latency_ms.max": s["notify"]["latency_ms"]["max"],
         "notify.poll_interval_s": s["notify"]["poll_interval_s"],
+        "notify-blocked.latency_ms.p99": s["notify-blocked"]["latency_ms"]["p99"],
+        "notify-blocked.blocked_attempts_in_window": s["notify-blocked"][
+            "blocked_attempts_in_window"
+        ],
         "burst.all_delivered_after_s": s["burst"]["all_delivered_after_s"],
         "burst.latency_ms.p99": s["burst"]["latency_ms"]["p99"],
         "scale.baseline.rss_bytes": s["scale"]["baseline"]["rss_bytes"],
