@@ -33,9 +33,10 @@ STOP_GRACE_S = 5.0
 START_WAIT_S = 10.0
 
 # Whatever the relay's own environment holds (the API key, tokens, signing secrets, the store's
-# password) stays out of its children's: they get what Python and TLS need, and nothing named
-# RELAY_*; their settings come over stdin.
-_SECRET_PREFIXES = ("RELAY_",)
+# password) stays out of its children's: they get what Python and TLS need, nothing named
+# RELAY_*, and none of libpq's PG* (PGPASSWORD, which asyncpg reads too: the children never
+# open the store); their settings come over stdin.
+_SECRET_PREFIXES = ("RELAY_", "PG")
 
 
 class FrameError(Exception):

@@ -270,10 +270,11 @@ async def test_a_child_gets_no_relay_setting_in_its_environment(
     """Secrets reach a child only as its CONFIG frame on stdin, never in /proc/<pid>/environ."""
     monkeypatch.setenv("RELAY_UPSTREAM_API_KEY", "sk-should-not-be-inherited")
     monkeypatch.setenv("RELAY_STORE_URL", "postgresql://relay:pw-should-not@127.0.0.1/x")
+    monkeypatch.setenv("PGPASSWORD", "pw-should-not-be-inherited")  # asyncpg reads it too
     pool = await pool_for()
     (child,) = pool.children
     environ = Path(f"/proc/{child.pid}/environ").read_bytes().split(b"\0")
-    assert [] == [v for v in environ if v.startswith(b"RELAY_")]
+    assert [] == [v for v in environ if v.startswith((b"RELAY_", b"PG"))]
     assert "sk-" not in repr(pool._config)  # the dataclass repr leaves the key out
     result = await asyncio.wait_for(pool.fetch("tk-hiapi-env", now=0.0), BOUND_S)
     assert result.outcome is PollOutcome.OK  # the key it got over stdin works
