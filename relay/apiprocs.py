@@ -295,12 +295,7 @@ class ApiProcessPool:
         if self._stopping:
             return
         delay = self._restarts.child_exited(
-            log,
-            "api_process_exited",
-            pid=child.pid,
-            returncode=child.returncode,
-            lived_s=asyncio.get_running_loop().time() - child.started_at,
-            exits=self._metrics.api_process_exits,
+            child, log, "api_process_exited", self._metrics.api_process_exits
         )
         self._restart(delay)
 

@@ -248,18 +248,14 @@ class RestartPolicy:
         return RESTART_BACKOFF_S[-1]
 
     def child_exited(
-        self,
-        log: logging.Logger,
-        event: str,
-        *,
-        pid: int | None,
-        returncode: int | None,
-        lived_s: float,
-        exits: Counter,
+        self, child: ChildProcess, log: logging.Logger, event: str, exits: Counter
     ) -> float:
         """Log and count a child that exited while the relay ran; the delay before its restart."""
-        delay = self.delay_after_exit(lived_s)
-        logs.event(log, event, logging.ERROR, pid=pid, returncode=returncode, restart_in_s=delay)
+        delay = self.delay_after_exit(asyncio.get_running_loop().time() - child.started_at)
+        logs.event(
+            log, event, logging.ERROR, pid=child.pid, returncode=child.returncode,
+            restart_in_s=delay,
+        )  # fmt: skip
         exits.inc()
         return delay
 

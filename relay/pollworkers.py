@@ -347,12 +347,7 @@ class PollWorkerPool:
         if self._closing:
             return
         delay = self._restarts.child_exited(
-            log,
-            "poll_worker_exited",
-            pid=child.pid,
-            returncode=child.returncode,
-            lived_s=asyncio.get_running_loop().time() - child.started_at,
-            exits=self._metrics.poll_worker_exits,
+            child, log, "poll_worker_exited", self._metrics.poll_worker_exits
         )
         self._keep(self._restart_after(delay))
 
