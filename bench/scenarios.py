@@ -41,6 +41,7 @@ from bench.stats import (
     total,
 )
 from relay.config import Settings
+from relay.delivery import HOST_BUSY_MARGIN_S
 from relay.signing import generate_secret
 
 API_KEY = "bench-key"
@@ -519,15 +520,12 @@ async def _flip_and_measure(
     ids = [f"{prefix}{i}" for i in range(count)]
     control = f"{upstream.url}/_fake/tasks"
     async with AsyncExitStack() as stack:
-        port = free_port()
-        receiver = Child(
-            "receiver", ["-m", "bench.receiver", "--port", str(port)],
-            b.workdir / f"{name}-receiver.log", port=port,
-        )  # fmt: skip
-        await launch(stack, b.session, receiver, ready_path="/_recv/stats")
+        receiver = await _receiver(b, stack, f"{name}-receiver")
         await _bounded(16, [_pin(b, f"{control}/{t}", "handling") for t in ids])
         relay, _ = await b.relay(stack, name, settings)
-        hanging = await _hanging_backlog(b, stack, relay, name, blocked) if blocked else None
+        hanging = (
+            await _hanging_backlog(b, stack, relay, name, control, blocked) if blocked else None
+        )
         await b.register(relay, f"{name}-register", prefix, len(ids), f"{receiver.url}/hook")
         # Two intervals: every stream has had its first poll and runs at its steady pace.
         await asyncio.sleep(2 * plan.notify_interval_s)
@@ -594,21 +592,25 @@ async def _flip_and_measure(
     }  # fmt: skip
 
 
+async def _receiver(b: Bench, stack: AsyncExitStack, name: str, *extra: str) -> Child:
+    """A `bench.receiver` process (`extra`: its options), stopped when `stack` closes."""
+    port = free_port()
+    receiver = Child(
+        name, ["-m", "bench.receiver", "--port", str(port), *extra],
+        b.workdir / f"{name}.log", port=port,
+    )  # fmt: skip
+    await launch(stack, b.session, receiver, ready_path="/_recv/stats")
+    return receiver
+
+
 async def _hanging_backlog(
-    b: Bench, stack: AsyncExitStack, relay: Child, name: str, count: int
+    b: Bench, stack: AsyncExitStack, relay: Child, name: str, control: str, count: int
 ) -> Child:
     """A receiver that never answers, with `count` callbacks for it: their tasks have ended
     already, so each is polled once, and then they wait, RELAY_DELIVERY_PER_HOST at a time in
     attempts that time out. Returns once all are waiting and a turn of deferrals has passed."""
-    upstream = await b.fake_upstream()
-    port = free_port()
-    hanging = Child(
-        "hanging-receiver", ["-m", "bench.receiver", "--port", str(port), "--hang"],
-        b.workdir / f"{name}-hanging.log", port=port,
-    )  # fmt: skip
-    await launch(stack, b.session, hanging, ready_path="/_recv/stats")
+    hanging = await _receiver(b, stack, f"{name}-hanging", "--hang")
     prefix = f"tk-hiapi-slow-{name}-hung-{b.tag}-"
-    control = f"{upstream.url}/_fake/tasks"
     await _bounded(16, [_pin(b, f"{control}/{prefix}{i}", "success") for i in range(count)])
     await b.register(relay, f"{name}-register-hung", prefix, count, f"{hanging.url}/hook")
     deadline = time.monotonic() + 60
@@ -617,7 +619,8 @@ async def _hanging_backlog(
             break
         await asyncio.sleep(0.1)
     # One whole turn: the first attempts time out and the backlog is deferred at least once.
-    await asyncio.sleep(b.plan.blocked_timeout_s + 1.0 + b.plan.notify_interval_s)
+    turn_s = b.plan.blocked_timeout_s + HOST_BUSY_MARGIN_S
+    await asyncio.sleep(turn_s + b.plan.notify_interval_s)
     return hanging
 
 
