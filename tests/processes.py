@@ -21,6 +21,37 @@ READY_TIMEOUT_S = 20.0
 
 T = TypeVar("T")
 
+# Locking the file: another process opens it and takes the write lock until told to stop.
+LOCKER = """
+import sqlite3, sys
+conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+conn.execute("BEGIN EXCLUSIVE")
+print("locked", flush=True)
+sys.stdin.read()
+conn.execute("ROLLBACK")
+"""
+
+
+@asynccontextmanager
+async def locked(db: Path) -> AsyncIterator[None]:
+    """Another process holds the SQLite write lock on `db` for the duration."""
+    locker = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        LOCKER,
+        str(db),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert locker.stdout is not None
+    assert locker.stdin is not None
+    try:
+        assert b"locked\n" == await asyncio.wait_for(locker.stdout.readline(), 10)
+        yield
+    finally:
+        locker.stdin.close()
+        await asyncio.wait_for(locker.wait(), 10)
+
 
 def child_pids(pid: int) -> list[int]:
     """The processes `pid` started (its poll workers or API processes), from /proc."""

@@ -1,8 +1,13 @@
-"""The embedded store: one SQLite file in WAL mode, one connection, one writer thread.
+"""The embedded store: one SQLite file in WAL mode, one writer connection, one reader connection.
 
-Every call runs on a single dedicated thread, so there is exactly one writer and no lock contention
-inside the process. Writes that queue up while one commits share the next `BEGIN IMMEDIATE`
-transaction (group commit); each caller resumes only after that COMMIT (a 201 means committed).
+Writes run on the event loop itself: those queued during one turn of the loop share one
+`BEGIN IMMEDIATE` transaction (group commit), and each caller resumes only after that COMMIT (a
+201 means committed). A commit in WAL mode with `synchronous=NORMAL` is a write to the WAL, no
+fsync: tens of microseconds, less than handing it to a thread and back (5 us of CPU per poll,
+measured; see BENCHMARKS.md). What could block for long goes to the writer thread instead:
+opening and migrating, the WAL checkpoints (the connection does none at commit), and waiting out
+another process's write lock (the loop's attempt gives up at once and hands the batch over).
+Reads go to the reader thread's own connection; WAL lets it answer while a write commits.
 `synchronous=NORMAL` survives a process crash (kill -9); `FULL` also survives power loss at a
 write cost (`RELAY_SQLITE_SYNCHRONOUS`).
 """
@@ -94,6 +99,10 @@ MIGRATIONS: tuple[str, ...] = (
     """,
 )
 
+# Rows written between two WAL checkpoints: about 2,000 pages of WAL (8 MiB) in the poll loop's
+# writes, the scale of SQLite's own default (a checkpoint at every commit past 1,000 pages).
+CHECKPOINT_EVERY_ROWS = 1_000
+
 # Queries on watching deadlines name watches_watching_deadline (INDEXED BY): SQLite's planner
 # would otherwise take watches_state and walk every active watch (~1 s at 1M watches). Those on
 # due callbacks name watches_delivery_due for the same reason: through watches_state, the
@@ -119,18 +128,22 @@ class SQLiteStore:
         self._path = path
         self._synchronous = synchronous
         self._busy_timeout_ms = busy_timeout_ms
-        # One writer thread and connection; one reader thread and connection. WAL lets the reader
-        # answer API reads and gauges while a write is committing.
+        # The writer connection's thread (see the module's docstring), and the reader's.
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relay-sqlite-write")
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relay-sqlite-read")
         self._conn: sqlite3.Connection | None = None
         self._read_conn: sqlite3.Connection | None = None
         # Set when the writer connection was dropped as stale; see _connection.
         self._reader_stale = False
-        # Group commit: writes queue here and the writer thread commits all that waited in one
+        # Group commit: writes queue here and the next flush commits all that waited in one
         # transaction (see _commit); every caller resumes only after that COMMIT.
         self._pending: deque[_Queued] = deque()
         self._flush_scheduled = False
+        # Jobs handed to the writer thread and not yet over (counted on the loop): while there
+        # are any, the thread has the writer connection, and flushes queue behind them there.
+        self._thread_jobs = 0
+        # The writer connection's total_changes (rows written) at which a checkpoint is due.
+        self._checkpoint_at_changes = CHECKPOINT_EVERY_ROWS
         # Set by close(): every call after it fails at once. (A write then reached a shut-down
         # executor, left the flush flag set, and every later write waited forever.)
         self._closed = False
@@ -142,10 +155,18 @@ class SQLiteStore:
             raise StoreUnavailable("sqlite: the store is closed")
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run `fn` on the writer connection, outside any transaction."""
+        """Run `fn` on the writer connection, on the writer thread, outside any transaction."""
         self._check_open()
+        return await self._on_thread(self._call, fn)
+
+    async def _on_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn(*args)` on the writer thread; no flush runs on the loop until it is over
+        (over on the thread: a caller that stops waiting does not end it)."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._writer, self._call, fn)
+        self._thread_jobs += 1
+        job = self._writer.submit(fn, *args)
+        job.add_done_callback(lambda _: loop.call_soon_threadsafe(self._thread_job_over, []))
+        return await asyncio.wrap_future(job)
 
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run a read on the reader connection; it sees every committed write."""
@@ -163,33 +184,98 @@ class SQLiteStore:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         self._pending.append((fn, future))
-        # Append, then look at the flag; the flusher clears the flag, then drains: no write can
+        # Append, then look at the flag; a flusher clears the flag, then drains: no write can
         # be left queued with no flush coming.
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            # submit, not loop.run_in_executor: _flush settles every caller itself, so an
-            # asyncio future of its own would only cost a chained callback and one more wake-up
-            # of the loop per batch (2-3 us of the loop's time per registration, store alone).
-            self._writer.submit(self._flush, loop)
+            loop.call_soon(self._flush_on_loop, loop)
         return await future
 
-    def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
+    def _flush_on_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        conn = self._conn
+        if self._thread_jobs or conn is None or self._closed:
+            # The thread has the connection (a checkpoint, a lock being waited out), or it must
+            # (re)open it: the batch queues behind on the thread. After close(), the thread's
+            # flush fails it.
+            self._flush_on_thread(loop)
+            return
         self._flush_scheduled = False
-        batch = []
-        while self._pending:
-            batch.append(self._pending.popleft())
+        batch = self._drain()
         if not batch:
             return
         try:
-            outcomes = self._commit(batch)
+            outcomes = self._commit(conn, batch)
+        except _LockedElsewhere:
+            # Nothing of the batch ran: it waits for the lock on the thread, up to busy_timeout.
+            self._pending.extendleft(reversed(batch))
+            self._flush_scheduled = True
+            self._flush_on_thread(loop)
+            return
         except Exception as exc:  # whatever went wrong, no caller may be left waiting
-            self._after_error(exc)
-            failure = _unavailable(exc) if isinstance(exc, sqlite3.Error) else exc
-            outcomes = [(future, None, failure) for _, future in batch]
-        # One wake-up of the event loop for the whole batch, not one per caller.
-        loop.call_soon_threadsafe(_settle_all, outcomes)
+            outcomes = self._failed(batch, exc)
+        _settle_all(outcomes)
+        if self._conn is conn and conn.total_changes >= self._checkpoint_at_changes:
+            self._checkpoint_at_changes = conn.total_changes + CHECKPOINT_EVERY_ROWS
+            self._thread_jobs += 1
+            self._writer.submit(self._checkpoint, loop)
 
-    def _commit(self, batch: list[_Queued]) -> list[_Outcome]:
+    def _flush_on_thread(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Hand the queued writes to the writer thread (the flag stays set until it drains)."""
+        self._thread_jobs += 1
+        try:
+            self._writer.submit(self._flush, loop)
+        except RuntimeError:  # the executor is shut down: close() is over
+            self._thread_jobs -= 1
+            self._flush_scheduled = False
+            closed = StoreUnavailable("sqlite: the store is closed")
+            _settle_all([(future, None, closed) for _, future in self._drain()])
+
+    def _drain(self) -> list[_Queued]:
+        batch = []
+        while self._pending:
+            batch.append(self._pending.popleft())
+        return batch
+
+    def _failed(self, batch: list[_Queued], exc: BaseException) -> list[_Outcome]:
+        self._after_error(exc)
+        failure = _unavailable(exc) if isinstance(exc, sqlite3.Error) else exc
+        return [(future, None, failure) for _, future in batch]
+
+    def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
+        """On the writer thread: commit what is queued, waiting out another process's lock."""
+        self._flush_scheduled = False
+        batch = self._drain()
+        outcomes: list[_Outcome] = []
+        if batch:
+            try:
+                conn = self._connection()
+                conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_ms)}")
+                try:
+                    outcomes = self._commit(conn, batch)
+                finally:
+                    conn.execute("PRAGMA busy_timeout = 0")
+            except Exception as exc:  # whatever went wrong, no caller may be left waiting
+                outcomes = self._failed(batch, exc)
+        # One wake-up of the event loop for the whole batch, not one per caller.
+        loop.call_soon_threadsafe(self._thread_job_over, outcomes)
+
+    def _checkpoint(self, loop: asyncio.AbstractEventLoop) -> None:
+        """On the writer thread, between transactions: copy the WAL back into the database file.
+
+        The next write then starts the WAL over from its beginning (unless a read still uses
+        it), so the WAL stays about CHECKPOINT_EVERY_ROWS rows' worth of pages long.
+        """
+        try:
+            self._connection().execute("PRAGMA wal_checkpoint(PASSIVE)")
+        except Exception as exc:  # the next write meets the same trouble and reports it
+            self._after_error(exc)
+        loop.call_soon_threadsafe(self._thread_job_over, [])
+
+    def _thread_job_over(self, outcomes: list[_Outcome]) -> None:
+        self._thread_jobs -= 1
+        _settle_all(outcomes)
+
+    def _commit(self, conn: sqlite3.Connection, batch: list[_Queued]) -> list[_Outcome]:
         """Run the batch in one transaction; each caller's outcome, or all fail together.
 
         Almost every write succeeds, so the batch first runs without a savepoint per write (they
@@ -198,8 +284,7 @@ class SQLiteStore:
         stays with its own caller. Writes are functions of the connection alone: running one
         again after a rollback does the same thing.
         """
-        conn = self._connection()
-        conn.execute("BEGIN IMMEDIATE")
+        _begin(conn)
         try:
             results = [fn(conn) for fn, _ in batch]
         except Exception:
@@ -211,7 +296,7 @@ class SQLiteStore:
 
     def _commit_isolated(self, conn: sqlite3.Connection, batch: list[_Queued]) -> list[_Outcome]:
         """Run the batch in one transaction, each write in its own savepoint."""
-        conn.execute("BEGIN IMMEDIATE")
+        _begin(conn)
         outcomes: list[_Outcome] = []
         for fn, future in batch:
             result, error = self._in_savepoint(conn, fn)
@@ -262,6 +347,8 @@ class SQLiteStore:
 
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None:
+            if self._closed:  # a flush queued behind close(): never open it again
+                raise StoreUnavailable("sqlite: the store is closed")
             if self._reader_stale:
                 # SQLite shares one file handle and one WAL index per file among a process's
                 # connections: while the reader's stays open, a new writer inherits its
@@ -314,9 +401,14 @@ class SQLiteStore:
             conn.execute(f"PRAGMA synchronous = {self._synchronous}")
             conn.execute("PRAGMA foreign_keys = ON")
             self._migrate(conn)
+            # Checkpoints run on the writer thread (_checkpoint), never inside a commit on the
+            # loop; and a write on the loop never waits for a lock (see _flush_on_loop).
+            conn.execute("PRAGMA wal_autocheckpoint = 0")
+            conn.execute("PRAGMA busy_timeout = 0")
         except sqlite3.Error:
             conn.close()  # tried again on the next call, from scratch
             raise
+        self._checkpoint_at_changes = CHECKPOINT_EVERY_ROWS  # a new connection counts from 0
         return conn
 
     @staticmethod
@@ -354,8 +446,9 @@ class SQLiteStore:
             return
         self._closed = True
         loop = asyncio.get_running_loop()
-        # After any flush already queued: the writes accepted before close() still commit.
-        await loop.run_in_executor(self._writer, close_writer)
+        if self._pending:  # the writes accepted before close() still commit, before it closes
+            self._flush_on_thread(loop)
+        await self._on_thread(close_writer)
         await loop.run_in_executor(self._reader, self._close_reader)
         self._writer.shutdown(wait=True)
         self._reader.shutdown(wait=True)
@@ -741,6 +834,19 @@ def _stale(exc: BaseException | None) -> bool:
             return code & 0xFF in _STALE_CODES
         exc = exc.__cause__
     return False
+
+
+class _LockedElsewhere(sqlite3.OperationalError):
+    """BEGIN IMMEDIATE found the write lock taken by another process (SQLITE_BUSY)."""
+
+
+def _begin(conn: sqlite3.Connection) -> None:
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+    except sqlite3.OperationalError as exc:
+        if exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_BUSY:
+            raise _LockedElsewhere(str(exc)) from exc
+        raise
 
 
 def _unavailable(exc: BaseException) -> StoreUnavailable:

@@ -34,21 +34,12 @@ from relay.state import SETTINGS
 from relay.store import StoreUnavailable
 from relay.store.sqlite import SQLiteStore
 from tests.conftest import Receiver, RelayFactory, Upstream
-from tests.processes import RelayProcess, settle
+from tests.processes import RelayProcess, locked, settle
 
 PROBLEM_JSON = "application/problem+json"
 ACKNOWLEDGED = 20
 # A registration as large as the API takes: the disk fills in a bounded number of them.
 PADDING = {"pad": "x" * 4000}
-# Locking the file: another process opens it and takes the write lock until told to stop.
-LOCKER = """
-import sqlite3, sys
-conn = sqlite3.connect(sys.argv[1], isolation_level=None)
-conn.execute("BEGIN EXCLUSIVE")
-print("locked", flush=True)
-sys.stdin.read()
-conn.execute("ROLLBACK")
-"""
 
 
 @dataclass
@@ -169,27 +160,6 @@ async def deliver_all(
     assert len(kept) == got, relay.log_tail()
     assert {f"msg_{w}" for w in kept} == set(rig.by_id)
     return sum(rig.by_id.values()) - len(kept)
-
-
-@contextlib.asynccontextmanager
-async def locked(db: Path) -> AsyncIterator[None]:
-    """Another process holds the SQLite write lock on `db` for the duration."""
-    locker = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-c",
-        LOCKER,
-        str(db),
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-    )
-    assert locker.stdout is not None
-    assert locker.stdin is not None
-    try:
-        assert b"locked\n" == await asyncio.wait_for(locker.stdout.readline(), 10)
-        yield
-    finally:
-        locker.stdin.close()
-        await asyncio.wait_for(locker.wait(), 10)
 
 
 @pytest.mark.slow

@@ -1,13 +1,12 @@
 """SQLite group commit: writes that wait together commit together, and a failing one fails alone.
 
-The writer thread is held on a gate while the writes queue, so that all of them are one batch.
+Writes queued during one turn of the event loop are one batch: the flush runs after that turn.
 """
 
 from __future__ import annotations
 
 import asyncio
 import sqlite3
-import threading
 from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 from typing import Any
@@ -41,14 +40,10 @@ def register(store: SQLiteStore, watch_id: str, task_id: str) -> Awaitable[Any]:
 
 
 async def one_batch(store: SQLiteStore, *writes: Awaitable[Any]) -> list[Any]:
-    """Queue every write while the writer thread is held, then let it commit them at once."""
-    gate = threading.Event()
-    held = store._writer.submit(gate.wait)
+    """Queue every write in one turn of the loop; the flush after that turn commits them."""
     tasks = [asyncio.ensure_future(w) for w in writes]
     await asyncio.sleep(0)  # each task runs up to its first await: its write is queued
     assert len(writes) == len(store._pending), "the writes must wait as one batch"
-    gate.set()
-    held.result()
     return await asyncio.gather(*tasks, return_exceptions=True)
 
 
