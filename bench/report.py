@@ -334,6 +334,11 @@ def _scale_rows(s: dict[str, Any], add: Add) -> None:
         add("", "scheduler lag p50 / p99",
             f"{_seconds(size['scheduler_lag_p50_s'])} / {_seconds(size['scheduler_lag_p99_s'])}",
             "scheduler_lag_p99_100k" if watches == 100_000 else None)  # fmt: skip
+        if "tasks_ended" in size:  # runs before the ended tasks have none
+            add("", "tasks ended: seen / delivered per s (seen -> 2xx)",
+                f"{size['ended_seen_per_s']:,.1f} / {size['callbacks_delivered_per_s']:,.1f}"
+                f" ({size['seen_to_delivered_mean_ms']:,.1f} ms mean;"
+                f" 1 task in {size['config']['ended_every']} ended)")  # fmt: skip
         add("", "RSS (beyond baseline, per watch)",
             f"{_bytes(size['rss_bytes'])} ({size['rss_bytes_per_watch']:,.0f} B/watch)",
             "memory_per_watch_1m" if watches == 1_000_000 else None)  # fmt: skip

@@ -81,6 +81,9 @@ class Plan:
     scale_demand_cap: float = 100_000 / 60.0  # polls/s; larger sizes get a longer interval
     scale_warmup_s: float = 10.0
     scale_window_s: float = 30.0
+    # One task in this many has ended before the relay starts: its watch moves to delivering
+    # when its poll comes round, and its callback goes to a real receiver.
+    scale_ended_every: int = 100
     baseline_settle_s: float = 5.0
     replica_counts: tuple[int, ...] = (1, 2, 3)
     replicas_watches: int = 2000
@@ -644,7 +647,11 @@ async def _bounded(limit: int, coros: list[Awaitable[None]]) -> None:
 
 
 async def scale(b: Bench) -> dict[str, Any]:
-    """Seed N active watches straight into SQLite, run the relay over them, read lag and RSS."""
+    """Seed N active watches straight into SQLite, run the relay over them, read lag and RSS.
+
+    One task in plan.scale_ended_every has ended: at each size, the window sees tasks end among
+    N watches and their callbacks delivered, as a real deployment does (a store statement that
+    walked every watch for each ended task stays hidden without it)."""
     plan = b.plan
     baseline = await _baseline_rss(b)
     sizes = []
@@ -687,18 +694,22 @@ async def _one_size(b: Bench, watches: int, baseline_rss: int) -> dict[str, Any]
     path = b.workdir / f"{name}.db"
     interval = plan.scale_interval(watches)
     upstream = await b.fake_upstream()
+    prefix = f"tk-hiapi-slow-scale{watches}-{b.tag}-"
+    ended = [seed.task_id(prefix, i) for i in range(0, watches, plan.scale_ended_every)]
+    await _bounded(16, [_pin(b, f"{upstream.url}/_fake/tasks/{t}", "success") for t in ended])
     await seed.create_schema(str(path))
-    seeded = await asyncio.to_thread(
-        seed.seed,
-        str(path),
-        count=watches,
-        interval_s=interval,
-        task_prefix=f"tk-hiapi-slow-scale{watches}-{b.tag}-",
-        callback_url=UNUSED_CALLBACK,
-        start_in_s=3.0 + 3.0 * watches / 1_000_000,  # the due index rebuild and the relay's start
-    )
-    settings = fixed_interval_settings(plan, interval)
+    settings = fixed_interval_settings(plan, interval) | {"RELAY_SIGNING_SECRET": generate_secret()}
     async with AsyncExitStack() as stack:
+        receiver = await _receiver(b, stack, f"{name}-receiver")
+        seeded = await asyncio.to_thread(
+            seed.seed,
+            str(path),
+            count=watches,
+            interval_s=interval,
+            task_prefix=prefix,
+            callback_url=f"{receiver.url}/hook",
+            start_in_s=3.0 + 3.0 * watches / 1_000_000,  # the due index rebuild, the relay's start
+        )
         relay, ready_s = await b.relay(stack, name, settings)
         await sleep_until(time.monotonic() + max(0.0, seeded.due_from - time.time()))
         await asyncio.sleep(plan.scale_warmup_s)
@@ -711,6 +722,8 @@ async def _one_size(b: Bench, watches: int, baseline_rss: int) -> dict[str, Any]
     lag_count = lag[-1][1] if lag else 0.0
     lag_sum = delta(before, after, "relay_scheduler_lag_seconds_sum", loop="poll")
     polled = delta(before, after, "relay_upstream_polls_total")
+    delivered = delta(before, after, "relay_terminal_to_delivered_seconds_count")
+    delivery_sum = delta(before, after, "relay_terminal_to_delivered_seconds_sum")
     return {
         "watches": watches,
         "interval_s": interval,
@@ -720,6 +733,10 @@ async def _one_size(b: Bench, watches: int, baseline_rss: int) -> dict[str, Any]
         "scheduler_lag_p99_s": histogram_quantile(0.99, lag),
         "scheduler_lag_mean_s": lag_sum / lag_count if lag_count else math.nan,
         "scheduler_lag_share_le_100ms": share_at_most(0.1, lag),
+        "tasks_ended": len(ended),
+        "ended_seen_per_s": delta(before, after, "relay_task_events_total") / seconds,
+        "callbacks_delivered_per_s": delivered / seconds,
+        "seen_to_delivered_mean_ms": 1000 * delivery_sum / delivered if delivered else math.nan,
         "rss_bytes": memory["VmRSS"],
         "hwm_bytes": memory["VmHWM"],
         "rss_bytes_per_watch": (memory["VmRSS"] - baseline_rss) / watches,
@@ -733,7 +750,8 @@ async def _one_size(b: Bench, watches: int, baseline_rss: int) -> dict[str, Any]
         "config": {
             "warmup_s": plan.scale_warmup_s,
             "window_s": plan.scale_window_s,
-            "relay": settings,
+            "ended_every": plan.scale_ended_every,
+            "relay": settings | {"RELAY_SIGNING_SECRET": "(generated)"},
         },
     }
 
