@@ -5,8 +5,10 @@ Writes run on the event loop itself: those queued during one turn of the loop sh
 201 means committed). A commit in WAL mode with `synchronous=NORMAL` is a write to the WAL, no
 fsync: tens of microseconds, less than handing it to a thread and back (5 us of CPU per poll,
 measured; see BENCHMARKS.md). What could block for long goes to the writer thread instead:
-opening and migrating, the WAL checkpoints (the connection does none at commit), and waiting out
-another process's write lock (the loop's attempt gives up at once and hands the batch over).
+opening and migrating; the WAL checkpoints (the connection does none at commit), and the first
+write after each, which may start the WAL over and so syncs its header; waiting out another
+process's write lock (the loop's attempt gives up at once and hands the batch over); and with
+`synchronous=FULL`, which syncs at every commit, every write.
 Reads go to the reader thread's own connection; WAL lets it answer while a write commits.
 `synchronous=NORMAL` survives a process crash (kill -9); `FULL` also survives power loss at a
 write cost (`RELAY_SQLITE_SYNCHRONOUS`).
@@ -47,7 +49,7 @@ from relay.store.rows import (
 )
 
 T = TypeVar("T")
-# A write waiting for the writer thread, and what its caller is told once the batch is done.
+# A write waiting for the next flush, and what its caller is told once the batch is done.
 _Queued = tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]
 _Outcome = tuple[asyncio.Future[Any], Any, BaseException | None]
 
@@ -145,8 +147,13 @@ class SQLiteStore:
         # Jobs handed to the writer thread and not yet over (counted on the loop): while there
         # are any, the thread has the writer connection, and flushes queue behind them there.
         self._thread_jobs = 0
-        # The writer connection's total_changes (rows written) at which a checkpoint is due.
-        self._checkpoint_at_changes = CHECKPOINT_EVERY_ROWS
+        # FULL syncs the WAL at every commit: its commits would stall the loop for a disk flush.
+        self._commits_on_loop = synchronous.upper() == "NORMAL"
+        # The writer connection's total_changes when the last checkpoint was asked for.
+        self._changes_at_checkpoint = 0
+        # Set by a checkpoint: the next write may start the WAL over, and that syncs its header
+        # (with NORMAL too), so it runs on the thread.
+        self._wal_may_restart = False
         # Set by close(): every call after it fails at once. (A write then reached a shut-down
         # executor, left the flush flag set, and every later write waited forever.)
         self._closed = False
@@ -196,10 +203,16 @@ class SQLiteStore:
 
     def _flush_on_loop(self, loop: asyncio.AbstractEventLoop) -> None:
         conn = self._conn
-        if self._thread_jobs or conn is None or self._closed:
+        if (
+            self._thread_jobs
+            or conn is None
+            or self._closed
+            or self._wal_may_restart
+            or not self._commits_on_loop
+        ):
             # The thread has the connection (a checkpoint, a lock being waited out), or it must
-            # (re)open it: the batch queues behind on the thread. After close(), the thread's
-            # flush fails it.
+            # (re)open it, or this commit may sync: the batch queues behind on the thread. After
+            # close(), the thread's flush fails it.
             self._flush_on_thread(loop)
             return
         self._flush_scheduled = False
@@ -209,7 +222,8 @@ class SQLiteStore:
         try:
             outcomes = self._commit(conn, batch)
         except _LockedElsewhere:
-            # Nothing of the batch ran: it waits for the lock on the thread, up to busy_timeout.
+            # The batch was rolled back, or never began: it waits for the lock on the thread,
+            # up to busy_timeout, and runs again there (a write does the same thing twice).
             self._pending.extendleft(reversed(batch))
             self._flush_scheduled = True
             self._flush_on_thread(loop)
@@ -217,8 +231,7 @@ class SQLiteStore:
         except Exception as exc:  # whatever went wrong, no caller may be left waiting
             outcomes = self._failed(batch, exc)
         _settle_all(outcomes)
-        if self._conn is conn and conn.total_changes >= self._checkpoint_at_changes:
-            self._checkpoint_at_changes = conn.total_changes + CHECKPOINT_EVERY_ROWS
+        if self._conn is conn and self._checkpoint_due(conn):
             self._thread_jobs += 1
             self._writer.submit(self._checkpoint, loop)
 
@@ -259,6 +272,13 @@ class SQLiteStore:
                     conn.execute("PRAGMA busy_timeout = 0")
             except Exception as exc:  # whatever went wrong, no caller may be left waiting
                 outcomes = self._failed(batch, exc)
+            else:
+                self._wal_may_restart = False  # if this write started the WAL over, it is done
+                try:
+                    if self._checkpoint_due(conn):
+                        self._checkpoint_now(conn)
+                except Exception as exc:  # committed all the same; the next write meets it
+                    self._after_error(exc)
         # One wake-up of the event loop for the whole batch, not one per caller.
         loop.call_soon_threadsafe(self._thread_job_over, outcomes)
 
@@ -269,10 +289,23 @@ class SQLiteStore:
         it), so the WAL stays about CHECKPOINT_EVERY_ROWS rows' worth of pages long.
         """
         try:
-            self._connection().execute("PRAGMA wal_checkpoint(PASSIVE)")
+            self._checkpoint_now(self._connection())
         except Exception as exc:  # the next write meets the same trouble and reports it
             self._after_error(exc)
         loop.call_soon_threadsafe(self._thread_job_over, [])
+
+    def _checkpoint_now(self, conn: sqlite3.Connection) -> None:
+        conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        self._wal_may_restart = True
+
+    def _checkpoint_due(self, conn: sqlite3.Connection) -> bool:
+        """Whether CHECKPOINT_EVERY_ROWS rows were written since the last checkpoint; if so, the
+        count starts over (the caller runs the checkpoint)."""
+        total = conn.total_changes
+        if rows_since(total, self._changes_at_checkpoint) < CHECKPOINT_EVERY_ROWS:
+            return False
+        self._changes_at_checkpoint = total
+        return True
 
     def _thread_job_over(self, outcomes: list[_Outcome]) -> None:
         self._thread_jobs -= 1
@@ -411,7 +444,9 @@ class SQLiteStore:
         except sqlite3.Error:
             conn.close()  # tried again on the next call, from scratch
             raise
-        self._checkpoint_at_changes = CHECKPOINT_EVERY_ROWS  # a new connection counts from 0
+        # A new connection counts from 0, and its first write runs on the thread (it opened it).
+        self._changes_at_checkpoint = 0
+        self._wal_may_restart = False
         return conn
 
     @staticmethod
@@ -839,6 +874,12 @@ def _stale(exc: BaseException | None) -> bool:
             return code & 0xFF in _STALE_CODES
         exc = exc.__cause__
     return False
+
+
+def rows_since(total_changes: int, mark: int) -> int:
+    """Rows written since `mark`: total_changes is sqlite3_total_changes(), a C int that wraps
+    past 2**31 rows (days at a few thousand polls a second)."""
+    return (total_changes - mark) % 2**32
 
 
 class _LockedElsewhere(sqlite3.OperationalError):

@@ -12,8 +12,8 @@ import pytest
 from relay.models import NewWatch, WatchState
 from relay.store import StoreUnavailable
 from relay.store import sqlite as sqlite_store
-from relay.store.sqlite import SQLiteStore
-from tests.processes import locked, settle
+from relay.store.sqlite import SQLiteStore, rows_since
+from tests.processes import locked
 
 T0 = 1_700_000_000.0
 HOUR = 3600.0
@@ -30,6 +30,19 @@ async def register(store: SQLiteStore, n: int) -> None:
     )
 
 
+def count_thread_flushes(store: SQLiteStore) -> list[object]:
+    """A list that grows by one each time a batch is handed to the writer thread."""
+    handed: list[object] = []
+    flush_on_thread = store._flush_on_thread
+
+    def counting(loop: asyncio.AbstractEventLoop) -> None:
+        handed.append(loop)
+        flush_on_thread(loop)
+
+    store._flush_on_thread = counting  # type: ignore[method-assign]
+    return handed
+
+
 @pytest.fixture
 async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
     # A lock not given up within 30 s fails the write: far beyond this test's waits.
@@ -44,17 +57,20 @@ async def test_a_write_waits_out_another_processes_lock_while_the_loop_runs_on(
 ) -> None:
     """The loop's attempt gives up at once; the writer thread waits for the lock; it commits.
 
-    Were the loop to wait for the lock itself, this coroutine could not go on to release it:
-    the write would fail after 30 s, and the test with it.
+    Were the loop to wait for the lock itself (busy_timeout 30 s), a tick of the ticker below
+    would take 30 s, and the coroutine that releases the lock could not run meanwhile.
     """
+    handed_to_thread = count_thread_flushes(store)
+    loop = asyncio.get_running_loop()
     async with locked(tmp_path / "relay.db"):
         write = asyncio.create_task(register(store, 1))
-
-        async def handed_to_thread() -> bool:
-            return store._thread_jobs > 0
-
-        assert await settle(handed_to_thread, True, timeout=10)
-        await asyncio.sleep(0.2)  # the loop turns meanwhile; the write still waits
+        longest_tick = 0.0
+        for _ in range(20):  # the write is tried on the loop, handed over, and waits
+            before = loop.time()
+            await asyncio.sleep(0.01)
+            longest_tick = max(longest_tick, loop.time() - before)
+        assert longest_tick < 5.0  # far below the 30 s a waiting loop would take
+        assert 1 == len(handed_to_thread)
         assert not write.done()
         assert await store.get_watch("wt_000001") is None
     await asyncio.wait_for(write, 20)  # lock released: the thread's BEGIN goes through
@@ -62,18 +78,18 @@ async def test_a_write_waits_out_another_processes_lock_while_the_loop_runs_on(
     found = await store.get_watch("wt_000001")
     assert found is not None
     assert WatchState.WATCHING == found.state
-    # And the next write is the loop's again.
+    # And the next write commits on the loop again.
     await register(store, 2)
-    assert 0 == store._thread_jobs
+    assert 1 == len(handed_to_thread)
+    assert await store.get_watch("wt_000002") is not None
 
 
-async def wal_bytes_after_writes(path: Path, checkpoint_every_rows: int) -> int:
+async def wal_bytes_after_writes(path: Path) -> int:
     """The WAL file's size (its largest extent: SQLite reuses it, never shrinks it) after 80
     batches of 20 registrations (40 rows each)."""
     store = SQLiteStore(str(path))
     await store.open()
     try:
-        store._checkpoint_at_changes = checkpoint_every_rows
         for batch in range(80):
             await asyncio.gather(*(register(store, batch * 20 + i) for i in range(20)))
         await store._run(lambda conn: None)  # behind any checkpoint still on the thread
@@ -88,9 +104,9 @@ async def test_checkpoints_on_the_writer_thread_keep_the_wal_short(
     """The connection checkpoints nothing at commit (that would stall the loop): without the
     thread's checkpoints, the WAL would hold every batch ever written."""
     monkeypatch.setattr(sqlite_store, "CHECKPOINT_EVERY_ROWS", 100)
-    checkpointed = await wal_bytes_after_writes(tmp_path / "a.db", 100)
+    checkpointed = await wal_bytes_after_writes(tmp_path / "a.db")
     monkeypatch.setattr(sqlite_store, "CHECKPOINT_EVERY_ROWS", 10**9)
-    never = await wal_bytes_after_writes(tmp_path / "b.db", 10**9)
+    never = await wal_bytes_after_writes(tmp_path / "b.db")
 
     assert checkpointed * 8 < never, (checkpointed, never)
 
@@ -113,3 +129,50 @@ async def test_writes_queued_when_close_begins_still_commit(tmp_path: Path) -> N
         assert 5 == (await reopened.count_by_state())[WatchState.WATCHING]
     finally:
         await reopened.close()
+
+
+async def test_the_first_write_after_a_checkpoint_runs_on_the_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It may start the WAL over, which syncs the WAL's header even with synchronous=NORMAL;
+    the writes after it are the loop's again."""
+    monkeypatch.setattr(sqlite_store, "CHECKPOINT_EVERY_ROWS", 10)
+    store = SQLiteStore(str(tmp_path / "relay.db"))
+    await store.open()
+    try:
+        handed_to_thread = count_thread_flushes(store)
+        await asyncio.gather(*(register(store, n) for n in range(10)))  # 20 rows: one is due
+        await store._run(lambda conn: None)  # behind the checkpoint on the thread
+        assert store._wal_may_restart
+        assert [] == handed_to_thread
+
+        await register(store, 10)
+        assert 1 == len(handed_to_thread)
+        assert not store._wal_may_restart
+        await register(store, 11)
+        assert 1 == len(handed_to_thread)
+    finally:
+        await store.close()
+
+
+async def test_with_synchronous_full_every_commit_runs_on_the_thread(tmp_path: Path) -> None:
+    """FULL syncs the WAL at each commit: on the loop, every batch would stall it for a flush."""
+    store = SQLiteStore(str(tmp_path / "relay.db"), synchronous="FULL")
+    await store.open()
+    try:
+        handed_to_thread = count_thread_flushes(store)
+        for n in range(3):
+            await register(store, n)
+        assert 3 == len(handed_to_thread)
+        assert 3 == (await store.count_by_state())[WatchState.WATCHING]
+    finally:
+        await store.close()
+
+
+def test_rows_since_the_last_checkpoint_survive_total_changes_wrapping() -> None:
+    """sqlite3_total_changes() is a C int: past 2**31 rows it goes negative, and a plain
+    difference would never reach the next checkpoint again (the WAL would grow without end)."""
+    assert 1_000 == rows_since(1_500, 500)
+    top = 2**31 - 1
+    assert 1_000 == rows_since(-(2**31) + 499, top - 500)  # wrapped between the two
+    assert 0 == rows_since(-5, -5)
