@@ -59,6 +59,11 @@ HEARTBEAT_STALE_S = 15.0
 # A replica joining others polls only once each of them has beaten since it joined, and so taken
 # its smaller share: polling at once would put the deployment over budget for up to one beat.
 JOIN_HOLD_S = HEARTBEAT_S + 1.0
+# The retention sweep runs this often and deletes this many watches per write: each batch is one
+# short transaction (1.5-1.7 ms for 500 in a SQLite file of 1M watches), so polls and
+# registrations go on between them.
+PURGE_EVERY_S = 60.0
+PURGE_BATCH = 500
 
 Resolve = Callable[[str, int], Awaitable[list[str]]]
 API_POOL = web.AppKey("api_pool", ApiProcessPool)
@@ -256,6 +261,11 @@ async def _loops_ctx(
                 ("gauges", _refresh_gauges(app, stopping)),
                 ("heartbeat", _heartbeat(app, stopping)),
                 ("listen", store.listen_registrations(poller.wake, stopping)),
+                *(
+                    [("retention", _retention(app, stopping))]
+                    if settings.watch_retention_s > 0
+                    else []
+                ),
             ):
                 task = asyncio.create_task(coro, name=f"relay-{name}")
                 task.add_done_callback(partial(_loop_ended, stopping=stopping, on_fatal=on_fatal))
@@ -346,6 +356,34 @@ async def _heartbeat(app: web.Application, stopping: asyncio.Event) -> None:
             await asyncio.wait_for(stopping.wait(), timeout=HEARTBEAT_S)
         if not stopping.is_set():
             await _beat(app)
+
+
+async def purge_finished(app: web.Application, stopping: asyncio.Event | None = None) -> int:
+    """Delete every finished watch last changed more than RELAY_WATCH_RETENTION_S ago, a batch
+    per write; return how many. Stops between batches once `stopping` is set."""
+    store, metrics = app[STORE], app[METRICS]
+    before = app[CLOCK]() - app[SETTINGS].watch_retention_s
+    purged = 0
+    while stopping is None or not stopping.is_set():
+        count = await store.purge_finished(before=before, limit=PURGE_BATCH)
+        metrics.watches_purged.inc(count)
+        purged += count
+        if count < PURGE_BATCH:
+            break
+    return purged
+
+
+async def _retention(app: web.Application, stopping: asyncio.Event) -> None:
+    while not stopping.is_set():
+        try:
+            purged = await purge_finished(app, stopping)
+        except StoreUnavailable:
+            app[METRICS].store_errors.inc()
+        else:
+            if purged:
+                logs.event(log, "watches_purged", count=purged)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stopping.wait(), timeout=PURGE_EVERY_S)
 
 
 async def _refresh_gauges(app: web.Application, stopping: asyncio.Event) -> None:

@@ -84,6 +84,9 @@ class Settings:
     api_processes: int = 0
     watch_timeout_s: float = 86_400.0
     not_found_grace_s: float = 60.0
+    # How long a finished watch (delivered, failed, cancelled) stays readable and redeliverable
+    # before the retention sweep deletes it; 0 keeps every one forever.
+    watch_retention_s: float = 7 * 86_400.0
     delivery_timeout_s: float = 10.0
     delivery_backoff_s: float = 5.0
     delivery_backoff_max_s: float = 3_600.0
@@ -142,6 +145,7 @@ class Settings:
         take("RELAY_API_PROCESSES", "api_processes", _int_between(0, 64))
         take("RELAY_WATCH_TIMEOUT_S", "watch_timeout_s", _duration)
         take("RELAY_NOT_FOUND_GRACE_S", "not_found_grace_s", _duration_or_zero)
+        take("RELAY_WATCH_RETENTION_S", "watch_retention_s", _duration_or_zero)
         take("RELAY_DELIVERY_TIMEOUT_S", "delivery_timeout_s", _duration)
         take("RELAY_DELIVERY_BACKOFF_S", "delivery_backoff_s", _duration)
         take("RELAY_DELIVERY_BACKOFF_MAX_S", "delivery_backoff_max_s", _duration)

@@ -175,6 +175,11 @@ class Metrics:
         self.watches_finished = Counter(
             "relay_watches_finished", "Watches that ended, by result.", ["result"], registry=r
         )
+        self.watches_purged = Counter(
+            "relay_watches_purged",
+            "Finished watches deleted by the retention sweep (RELAY_WATCH_RETENTION_S).",
+            registry=r,
+        )
         self.callback_attempts = Counter(
             "relay_callback_attempts",
             "Callback delivery attempts, by outcome.",

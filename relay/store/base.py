@@ -68,6 +68,10 @@ class Store(Protocol):
     async def expire_watches(self, *, now: float, limit: int) -> int:
         """Move watching watches past their deadline to delivering `task.timeout`; return count."""
 
+    async def purge_finished(self, *, before: float, limit: int) -> int:
+        """Delete up to `limit` finished watches (delivered, failed, cancelled) last changed
+        before `before`, oldest first; return how many. Active watches are never touched."""
+
     async def claim_due_deliveries(
         self, *, now: float, limit: int, lease_s: float
     ) -> list[DeliveryJob]: ...

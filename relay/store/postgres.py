@@ -137,6 +137,11 @@ MIGRATIONS: tuple[str, ...] = (
         heartbeat_at double precision NOT NULL
     );
     """,
+    # Finished watches by age, for the retention sweep (purge_finished).
+    """
+    CREATE INDEX watches_finished_age ON watches (updated_at)
+        WHERE state IN ('delivered', 'failed', 'cancelled');
+    """,
 )
 
 # How long a lost LISTEN connection waits before it tries again.
@@ -557,6 +562,22 @@ class PostgresStore:
             return _row_count(status)
 
         return await self._run(expire, tx=True)
+
+    async def purge_finished(self, *, before: float, limit: int) -> int:
+        async def purge(conn: Conn) -> int:
+            # SKIP LOCKED: replicas sweeping at once take different rows. The outer WHERE is
+            # checked again on the locked row: a watch redelivered meanwhile stays.
+            status = await conn.execute(
+                "DELETE FROM watches WHERE watch_id = ANY(ARRAY(SELECT watch_id FROM watches"
+                " WHERE state IN ('delivered', 'failed', 'cancelled') AND updated_at < $1"
+                " ORDER BY updated_at LIMIT $2 FOR UPDATE SKIP LOCKED))"
+                " AND state IN ('delivered', 'failed', 'cancelled') AND updated_at < $1",
+                before,
+                limit,
+            )
+            return _row_count(status)
+
+        return await self._run(purge, tx=True)
 
     # --- the deliverer's calls --------------------------------------------------------------------
 

@@ -99,6 +99,11 @@ MIGRATIONS: tuple[str, ...] = (
         probed_at REAL NOT NULL
     );
     """,
+    # Finished watches by age, for the retention sweep (purge_finished).
+    """
+    CREATE INDEX watches_finished_age ON watches (updated_at)
+        WHERE state IN ('delivered', 'failed', 'cancelled');
+    """,
 )
 
 # Rows written between two WAL checkpoints: about 2,000 pages of WAL (8 MiB) in the poll loop's
@@ -729,6 +734,20 @@ class SQLiteStore:
             return len(rows)
 
         return await self._write(expire)
+
+    async def purge_finished(self, *, before: float, limit: int) -> int:
+        def purge(conn: sqlite3.Connection) -> int:
+            # Finished watches have no poll stream left (a watch's end drops an unwatched one).
+            cursor = conn.execute(
+                "DELETE FROM watches WHERE watch_id IN (SELECT watch_id FROM watches"
+                " INDEXED BY watches_finished_age"
+                " WHERE state IN ('delivered', 'failed', 'cancelled') AND updated_at < ?"
+                " ORDER BY updated_at LIMIT ?)",
+                (before, limit),
+            )
+            return cursor.rowcount
+
+        return await self._write(purge)
 
     # --- the deliverer's calls --------------------------------------------------------------------
 

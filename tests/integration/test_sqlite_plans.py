@@ -154,6 +154,7 @@ async def test_no_statement_of_a_watchs_life_walks_the_watches(tmp_path: Path) -
         await store.next_deadline_at()
         await store.next_delivery_due_at()
         await store.ping()
+        assert 1 <= await store.purge_finished(before=T0 + 100, limit=10)
     finally:
         await store.close()
 

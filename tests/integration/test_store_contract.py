@@ -893,6 +893,49 @@ async def test_expired_watch_keeps_what_its_stream_knew(store: Store) -> None:
     assert (None, None) == (await store.next_poll_due_at(), await store.next_deadline_at())
 
 
+# --- retention -----------------------------------------------------------------------------------
+
+
+async def test_purge_deletes_finished_watches_changed_before_the_cutoff_oldest_first(
+    store: Store,
+) -> None:
+    """Delivered, failed and cancelled watches go, `limit` at a time; active ones stay, and
+    their streams still poll."""
+    await delivered_watch(store, "wt_01", outcome=DeliveryOutcome.DELIVERED)  # changed at T0 + 2
+    await register(store, "wt_02", TASK_B, now=T0 + 3)
+    assert await store.cancel_watch("wt_02", now=T0 + 5) is not None
+    await register(store, "wt_03", TASK_C, now=T0 + 3)  # watching
+    await register(store, "wt_04", TASK_A, now=T0 + 6)  # the pair anew, watching
+    await register(store, "wt_05", TASK_B, OTHER_HOOK, now=T0 + 6, deadline_at=T0 + 7)
+    assert 1 == await store.expire_watches(now=T0 + 8, limit=10)  # wt_05 delivering
+
+    assert 0 == await store.purge_finished(before=T0 + 2, limit=10)  # strictly before
+    assert 1 == await store.purge_finished(before=T0 + 100, limit=1)
+    assert None is await store.get_watch("wt_01")  # the oldest went first
+    assert 1 == await store.purge_finished(before=T0 + 100, limit=10)
+    assert 0 == await store.purge_finished(before=T0 + 100, limit=10)
+
+    listed = await store.list_watches(state=None, task_id=None, limit=10, after=None)
+    assert {
+        "wt_03": WatchState.WATCHING,
+        "wt_04": WatchState.WATCHING,
+        "wt_05": WatchState.DELIVERING,
+    } == {w.watch_id: w.state for w in listed}
+    claims = await store.claim_due_tasks(now=T0 + 10, limit=10, lease_s=LEASE)
+    assert [TASK_A, TASK_C] == sorted(c.task_id for c in claims)
+    [job] = await store.claim_due_deliveries(now=T0 + 10, limit=10, lease_s=LEASE)
+    assert "wt_05" == job.watch_id
+
+
+async def test_a_redelivered_watch_is_not_purged_until_it_ends_again(store: Store) -> None:
+    """Redelivery makes the watch active and new: its age starts over."""
+    await delivered_watch(store, "wt_01", outcome=DeliveryOutcome.GAVE_UP)
+    assert await store.redeliver("wt_01", now=T0 + 50) is not None
+
+    assert 0 == await store.purge_finished(before=T0 + 100, limit=10)
+    assert WatchState.DELIVERING == (await get(store, "wt_01")).state
+
+
 # --- listing, counting, schedule ------------------------------------------------------------------
 
 

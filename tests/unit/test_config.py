@@ -46,6 +46,7 @@ def test_an_empty_environment_gives_the_defaults() -> None:
         upstream_timeout_s=10.0,
         watch_timeout_s=86_400.0,
         not_found_grace_s=60.0,
+        watch_retention_s=604_800.0,
         delivery_timeout_s=10.0,
         delivery_backoff_s=5.0,
         delivery_backoff_max_s=3_600.0,
@@ -92,6 +93,7 @@ def test_every_variable_is_parsed() -> None:
         "RELAY_UPSTREAM_TIMEOUT_S": "3",
         "RELAY_WATCH_TIMEOUT_S": "3600",
         "RELAY_NOT_FOUND_GRACE_S": "0",
+        "RELAY_WATCH_RETENTION_S": "0",
         "RELAY_DELIVERY_TIMEOUT_S": "7",
         "RELAY_DELIVERY_BACKOFF_S": "1",
         "RELAY_DELIVERY_BACKOFF_MAX_S": "60",
@@ -126,6 +128,7 @@ def test_every_variable_is_parsed() -> None:
         upstream_timeout_s=3.0,
         watch_timeout_s=3600.0,
         not_found_grace_s=0.0,
+        watch_retention_s=0.0,
         delivery_timeout_s=7.0,
         delivery_backoff_s=1.0,
         delivery_backoff_max_s=60.0,
@@ -192,6 +195,8 @@ def test_sqlite_path_strips_the_scheme(store_url: str, expected: str) -> None:
         ("RELAY_UPSTREAM_TIMEOUT_S", "-1", "RELAY_UPSTREAM_TIMEOUT_S: must be greater than 0, got -1.0"),
         ("RELAY_WATCH_TIMEOUT_S", "1 day", "RELAY_WATCH_TIMEOUT_S: must be a number, got '1 day'"),
         ("RELAY_NOT_FOUND_GRACE_S", "-1", "RELAY_NOT_FOUND_GRACE_S: must be 0 or more, got -1.0"),
+        ("RELAY_WATCH_RETENTION_S", "-1", "RELAY_WATCH_RETENTION_S: must be 0 or more, got -1.0"),
+        ("RELAY_WATCH_RETENTION_S", "a week", "RELAY_WATCH_RETENTION_S: must be a number, got 'a week'"),
         ("RELAY_DELIVERY_TIMEOUT_S", "0", "RELAY_DELIVERY_TIMEOUT_S: must be greater than 0, got 0.0"),
         ("RELAY_DELIVERY_BACKOFF_S", "x", "RELAY_DELIVERY_BACKOFF_S: must be a number, got 'x'"),
         ("RELAY_DELIVERY_BACKOFF_MAX_S", "-inf", "RELAY_DELIVERY_BACKOFF_MAX_S: must be a finite number, got '-inf'"),
@@ -521,7 +526,13 @@ def test_a_key_with_a_line_break_or_nothing_in_it_is_a_problem_that_does_not_sho
 
 
 @pytest.mark.parametrize(
-    "name", ["RELAY_WATCH_TIMEOUT_S", "RELAY_POLL_MAX_S", "RELAY_SHUTDOWN_TIMEOUT_S"]
+    "name",
+    [
+        "RELAY_WATCH_TIMEOUT_S",
+        "RELAY_POLL_MAX_S",
+        "RELAY_SHUTDOWN_TIMEOUT_S",
+        "RELAY_WATCH_RETENTION_S",
+    ],
 )
 def test_a_duration_past_ten_years_is_a_problem(name: str) -> None:
     """Every deadline and due time must stay a date the API can print: 1e12 s once made every

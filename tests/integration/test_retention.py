@@ -1,0 +1,73 @@
+"""The retention sweep: finished watches are deleted once RELAY_WATCH_RETENTION_S has passed since
+they last changed; active ones never. The clock is the test's; the sweep is run by hand."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from relay import app as app_module
+from relay.app import purge_finished
+from tests.conftest import Receiver, RelayFactory, Upstream
+
+HOUR = 3600.0
+
+
+async def test_finished_watches_go_once_older_than_the_retention_and_active_ones_stay(
+    make_relay: RelayFactory, upstream: Upstream, receiver: Receiver
+) -> None:
+    relay = await make_relay(watch_retention_s=HOUR)
+    hook = receiver.at("/hook")
+    cancelled = (await relay.register("tk-hiapi-ret-1", hook))["watchId"]
+    delivered = (await relay.register("tk-hiapi-ret-2", hook))["watchId"]
+    watching = (await relay.register("tk-hiapi-ret-3", hook))["watchId"]
+    assert 204 == (await relay.client.delete(f"/watch/{cancelled}")).status  # at T0
+    await upstream.flip("tk-hiapi-ret-2", "success")
+    await relay.step(advance=60)  # seen and delivered at T0 + 60
+    assert "delivered" == (await relay.watch(delivered))["state"]
+
+    relay.clock.advance(HOUR - 30)  # T0 + 3630: the cancelled watch is past the hour
+    assert 1 == await purge_finished(relay.app)
+    assert 404 == (await relay.client.get(f"/watch/{cancelled}")).status
+    assert "delivered" == (await relay.watch(delivered))["state"]
+    assert 404 == (await relay.client.post(f"/watch/{cancelled}/redeliver")).status
+
+    relay.clock.advance(60)  # T0 + 3690: the delivered one too
+    assert 1 == await purge_finished(relay.app)
+    assert 404 == (await relay.client.get(f"/watch/{delivered}")).status
+    assert "watching" == (await relay.watch(watching))["state"]
+    assert 0 == await purge_finished(relay.app)
+    assert 2 == relay.sample("relay_watches_purged_total")
+    listed = await (await relay.client.get("/watches")).json()
+    assert [watching] == [w["watchId"] for w in listed["watches"]]
+
+
+async def test_a_backlog_goes_in_batches_until_the_last_short_one(
+    make_relay: RelayFactory, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(app_module, "PURGE_BATCH", 2)
+    relay = await make_relay(watch_retention_s=HOUR)
+    for n in range(5):
+        watch = await relay.register(f"tk-hiapi-ret-{n}", receiver.at("/hook"))
+        assert 204 == (await relay.client.delete(f"/watch/{watch['watchId']}")).status
+    relay.clock.advance(2 * HOUR)
+
+    assert 5 == await purge_finished(relay.app)  # 2 + 2 + 1
+    assert 5 == relay.sample("relay_watches_purged_total")
+
+
+async def test_a_stop_ends_the_sweep_between_batches(
+    make_relay: RelayFactory, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(app_module, "PURGE_BATCH", 1)
+    relay = await make_relay(watch_retention_s=HOUR)
+    for n in range(3):
+        watch = await relay.register(f"tk-hiapi-ret-{n}", receiver.at("/hook"))
+        assert 204 == (await relay.client.delete(f"/watch/{watch['watchId']}")).status
+    relay.clock.advance(2 * HOUR)
+    stopping = asyncio.Event()
+    stopping.set()
+
+    assert 0 == await purge_finished(relay.app, stopping)
+    assert 3 == await purge_finished(relay.app)
