@@ -361,8 +361,10 @@ async def _heartbeat(app: web.Application, stopping: asyncio.Event) -> None:
 async def purge_finished(app: web.Application, stopping: asyncio.Event | None = None) -> int:
     """Delete every finished watch last changed more than RELAY_WATCH_RETENTION_S ago, a batch
     per write; return how many. Stops between batches once `stopping` is set."""
-    store, metrics = app[STORE], app[METRICS]
-    before = app[CLOCK]() - app[SETTINGS].watch_retention_s
+    store, metrics, retention_s = app[STORE], app[METRICS], app[SETTINGS].watch_retention_s
+    if retention_s <= 0:  # 0 keeps every watch
+        return 0
+    before = app[CLOCK]() - retention_s
     purged = 0
     while stopping is None or not stopping.is_set():
         count = await store.purge_finished(before=before, limit=PURGE_BATCH)

@@ -84,8 +84,8 @@ class Settings:
     api_processes: int = 0
     watch_timeout_s: float = 86_400.0
     not_found_grace_s: float = 60.0
-    # How long a finished watch (delivered, failed, cancelled) stays readable and redeliverable
-    # before the retention sweep deletes it; 0 keeps every one forever.
+    # How long a finished watch (delivered, failed, cancelled) stays readable (and, delivered or
+    # failed, redeliverable) before the retention sweep deletes it; 0 keeps every one forever.
     watch_retention_s: float = 7 * 86_400.0
     delivery_timeout_s: float = 10.0
     delivery_backoff_s: float = 5.0

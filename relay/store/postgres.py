@@ -53,6 +53,10 @@ T = TypeVar("T")
 # pg_advisory_xact_lock key ("hiapirly"): one key for every relay on the database, so replicas
 # starting at once apply migrations one after another.
 MIGRATION_LOCK_KEY = 0x6869_6170_6972_6C79
+# A migration may build an index over every watch (tens of millions of rows on a store without
+# retention until 276e6b3): past the pool's command timeout it would be cancelled and rolled
+# back at every start. Replicas waiting for the migration lock wait as long.
+MIGRATION_TIMEOUT_S = 3600.0
 
 # A deadlock or serialization failure rolls the whole transaction back; it is safe to run again.
 _TX_ATTEMPTS = 3
@@ -304,7 +308,9 @@ class PostgresStore:
             raise
 
     async def _migrate(self, conn: Conn) -> None:
-        await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK_KEY)
+        await conn.execute(
+            "SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK_KEY, timeout=MIGRATION_TIMEOUT_S
+        )
         # Look before creating: CREATE SCHEMA IF NOT EXISTS still needs the CREATE privilege,
         # which a least-privilege role given a ready schema does not have.
         found = await conn.fetchval("SELECT 1 FROM pg_namespace WHERE nspname = $1", self._schema)
@@ -321,7 +327,7 @@ class PostgresStore:
         for version, script in enumerate(MIGRATIONS, start=1):
             if version in applied:
                 continue
-            await conn.execute(script)
+            await conn.execute(script, timeout=MIGRATION_TIMEOUT_S)
             await conn.execute("INSERT INTO relay_schema_migrations (version) VALUES ($1)", version)
 
     async def close(self) -> None:
@@ -434,6 +440,8 @@ class PostgresStore:
             raw_state = await conn.fetchval(
                 "SELECT state FROM watches WHERE watch_id = $1 FOR UPDATE", watch_id
             )
+            if raw_state is None:  # the retention sweep deleted it meanwhile
+                return None
             state = WatchState(raw_state)
             if state is WatchState.CANCELLED:
                 return await _found(conn, watch_id), False

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
 import re
 from pathlib import Path
 
+import asyncpg
 import pytest
 
+from bench import store_calls
 from bench.micro import main
 
 
@@ -82,3 +86,32 @@ def test_ab_refuses_a_directory_without_a_relay(tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as exc:
         ab_main([str(tmp_path)])
     assert 2 == exc.value.code
+
+
+def test_store_calls_times_every_postgresql_call_and_leaves_no_schema(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    dsn = os.environ.get("RELAY_TEST_POSTGRES_DSN")
+    if not dsn:
+        pytest.skip("set RELAY_TEST_POSTGRES_DSN to run the PostgreSQL tests")
+
+    assert 0 == store_calls.main(["--watches", "2000", "--dsn", dsn])
+
+    out = capsys.readouterr().out
+    schema = re.search(r"seeded 2,000 watches in [\d.]+ s \(schema (\w+)\)", out)
+    assert schema is not None, out
+    timed = re.findall(r"^\s+[\d.]+ ms  (.+) -> ", out, flags=re.MULTILINE)
+    assert 19 == len(timed), out
+    assert "purge_finished (500)" in timed
+    # The first purge finds the 500 oldest finished watches of 1,000 (half are finished).
+    assert re.search(r"purge_finished \(500\) -> 500$", out, flags=re.MULTILINE), out
+
+    async def schema_exists() -> bool:
+        conn = await asyncpg.connect(dsn)
+        try:
+            found = await conn.fetchval("SELECT 1 FROM pg_namespace WHERE nspname = $1", schema[1])
+        finally:
+            await conn.close()
+        return found is not None
+
+    assert not asyncio.run(schema_exists())

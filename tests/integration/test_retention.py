@@ -67,7 +67,27 @@ async def test_a_stop_ends_the_sweep_between_batches(
         assert 204 == (await relay.client.delete(f"/watch/{watch['watchId']}")).status
     relay.clock.advance(2 * HOUR)
     stopping = asyncio.Event()
-    stopping.set()
+    store = relay.store
+    purge = store.purge_finished
 
-    assert 0 == await purge_finished(relay.app, stopping)
-    assert 3 == await purge_finished(relay.app)
+    async def purge_then_stop(*, before: float, limit: int) -> int:
+        count = await purge(before=before, limit=limit)
+        stopping.set()  # the stop arrives while the first batch is written
+        return count
+
+    monkeypatch.setattr(store, "purge_finished", purge_then_stop)
+    assert 1 == await purge_finished(relay.app, stopping)
+    monkeypatch.setattr(store, "purge_finished", purge)
+    assert 2 == await purge_finished(relay.app)
+
+
+async def test_a_retention_of_zero_keeps_every_watch(
+    make_relay: RelayFactory, receiver: Receiver
+) -> None:
+    relay = await make_relay(watch_retention_s=0.0)
+    watch = await relay.register("tk-hiapi-ret-0", receiver.at("/hook"))
+    assert 204 == (await relay.client.delete(f"/watch/{watch['watchId']}")).status
+    relay.clock.advance(10 * 365 * 86_400)
+
+    assert 0 == await purge_finished(relay.app)
+    assert "cancelled" == (await relay.watch(watch["watchId"]))["state"]

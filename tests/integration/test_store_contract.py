@@ -30,6 +30,7 @@ from relay.models import (
 from relay.store import Store, StoreConflict, StoreUnavailable, open_store
 from relay.store.postgres import MIGRATIONS, PostgresStore
 from relay.store.sqlite import SQLiteStore
+from tests.processes import settle
 
 PG_DSN_ENV = "RELAY_TEST_POSTGRES_DSN"
 PG_SKIP = (
@@ -928,12 +929,22 @@ async def test_purge_deletes_finished_watches_changed_before_the_cutoff_oldest_f
 
 
 async def test_a_redelivered_watch_is_not_purged_until_it_ends_again(store: Store) -> None:
-    """Redelivery makes the watch active and new: its age starts over."""
-    await delivered_watch(store, "wt_01", outcome=DeliveryOutcome.GAVE_UP)
+    """Redelivery makes the watch active: it stays; once it ends again, its age counts from
+    that end."""
+    await delivered_watch(store, "wt_01", outcome=DeliveryOutcome.GAVE_UP)  # ended at T0 + 2
     assert await store.redeliver("wt_01", now=T0 + 50) is not None
 
     assert 0 == await store.purge_finished(before=T0 + 100, limit=10)
     assert WatchState.DELIVERING == (await get(store, "wt_01")).state
+
+    await deliver_now(store, "wt_01", T0 + 60)
+    ended = record("wt_01", DeliveryOutcome.DELIVERED, lease_until=T0 + 60 + LEASE)
+    assert {"wt_01"} == await store.record_deliveries([ended], now=T0 + 61)
+    assert 0 == await store.purge_finished(before=T0 + 61, limit=10)  # strictly before its end
+    assert 1 == await store.purge_finished(before=T0 + 62, limit=10)
+    assert None is await store.get_watch("wt_01")
+    assert None is await store.cancel_watch("wt_01", now=T0 + 63)
+    assert None is await store.redeliver("wt_01", now=T0 + 63)
 
 
 # --- listing, counting, schedule ------------------------------------------------------------------
@@ -1226,6 +1237,37 @@ async def pg_pair(pg_dsn: str, pair_schema: str) -> AsyncIterator[tuple[Postgres
     yield stores
     for opened in stores:
         await opened.close()
+
+
+async def test_a_cancel_that_loses_its_watch_to_the_sweep_finds_none(
+    pg_pair: tuple[PostgresStore, ...], pg_dsn: str, pair_schema: str
+) -> None:
+    """cancel_watch reads the watch's task, locks the task's stream, then locks the watch: a
+    sweep (or any delete) between the first read and the lock leaves no row. It answers None
+    (404), not an error (a 500)."""
+    first, _ = pg_pair
+    await register(first, "wt_01")
+    other = await asyncpg.connect(pg_dsn)
+    try:
+        await other.execute(f'SET search_path TO "{pair_schema}"')
+        holding = other.transaction()
+        await holding.start()
+        await other.execute("SELECT 1 FROM tasks WHERE task_id = $1 FOR UPDATE", TASK_A)
+        cancel = asyncio.create_task(first.cancel_watch("wt_01", now=T0 + 1))
+
+        async def cancel_waits_for_the_stream() -> bool:
+            waiting = await other.fetchval(  # backends that wait for this connection's locks
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE pg_backend_pid() = ANY(pg_blocking_pids(pid))"
+            )
+            return bool(waiting)
+
+        assert await settle(cancel_waits_for_the_stream, True)
+        await other.execute("DELETE FROM watches WHERE watch_id = 'wt_01'")
+        await holding.commit()
+        assert None is await asyncio.wait_for(cancel, 10)
+    finally:
+        await other.close()
 
 
 async def test_concurrent_claimers_never_get_the_same_stream(
