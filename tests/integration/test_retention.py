@@ -4,12 +4,17 @@ they last changed; active ones never. The clock is the test's; the sweep is run 
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
+import aiohttp
 import pytest
+from aiohttp import web
 
 from relay import app as app_module
 from relay.app import purge_finished
-from tests.conftest import Receiver, RelayFactory, Upstream
+from relay.fake_upstream import create_fake_upstream_app
+from tests.conftest import SIGNING_SECRET, Receiver, RelayFactory, Upstream
+from tests.processes import RelayProcess, loopback, settle
 
 HOUR = 3600.0
 
@@ -91,3 +96,47 @@ async def test_a_retention_of_zero_keeps_every_watch(
 
     assert 0 == await purge_finished(relay.app)
     assert "cancelled" == (await relay.watch(watch["watchId"]))["state"]
+
+
+@pytest.mark.slow
+async def test_the_relay_process_runs_the_sweep(tmp_path: Path) -> None:
+    """`relay serve` starts the retention loop: its first sweep, at start, deletes a watch
+    cancelled before a restart (retention 1 ms; a restart takes far longer)."""
+
+    async def hook(request: web.Request) -> web.Response:
+        return web.Response(status=204)
+
+    async with loopback(create_fake_upstream_app(api_key="k"), hook) as net:
+        relay = RelayProcess(
+            env={
+                "RELAY_STORE_URL": f"sqlite:///{tmp_path / 'relay.db'}",
+                "RELAY_UPSTREAM_URL": str(net.upstream.make_url("")).rstrip("/"),
+                "RELAY_UPSTREAM_API_KEY": "k",
+                "RELAY_SIGNING_SECRET": SIGNING_SECRET,
+                "RELAY_CALLBACK_ALLOW_NETS": "127.0.0.0/8",
+                "RELAY_WATCH_RETENTION_S": "0.001",
+            },
+            log_path=tmp_path / "relay.log",
+        )
+        await relay.start()
+        async with aiohttp.ClientSession() as session:
+            callback = str(net.receiver.make_url("/hook/1"))
+            async with session.post(
+                f"{relay.url}/watch", json={"taskId": "tk-hiapi-ret-p", "callbackUrl": callback}
+            ) as response:
+                assert 201 == response.status
+                watch_id = (await response.json())["watchId"]
+            async with session.delete(f"{relay.url}/watch/{watch_id}") as response:
+                assert 204 == response.status
+            assert 0 == await relay.stop()
+            await relay.start()
+
+            async def status() -> int:
+                async with session.get(f"{relay.url}/watch/{watch_id}") as response:
+                    return response.status
+
+            assert 404 == await settle(status, 404), relay.log_tail()
+            async with session.get(f"{relay.url}/metrics") as response:
+                assert "relay_watches_purged_total 1.0" in await response.text()
+        assert 0 == await relay.stop()
+    assert '"watches_purged"' in relay.log_path.read_text()
