@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import sqlite3
 import time
 from collections import deque
@@ -25,6 +26,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from relay import logs
 from relay.models import (
     ACTIVE_STATES,
     DeliveryJob,
@@ -49,6 +51,8 @@ from relay.store.rows import (
 )
 
 T = TypeVar("T")
+
+log = logging.getLogger("relay.store.sqlite")
 # A write waiting for the next flush, and what its caller is told once the batch is done.
 _Queued = tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]
 _Outcome = tuple[asyncio.Future[Any], Any, BaseException | None]
@@ -438,7 +442,11 @@ class SQLiteStore:
         conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
         try:
             conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_ms)}")
-            conn.execute("PRAGMA journal_mode = WAL")
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                # A file system without shared memory (some network mounts) keeps the rollback
+                # journal: every read then blocks commits, and commits wait on the thread.
+                logs.event(log, "sqlite_not_wal", logging.WARNING, journal_mode=str(mode))
             conn.execute(f"PRAGMA synchronous = {self._synchronous}")
             conn.execute("PRAGMA foreign_keys = ON")
             self._migrate(conn)

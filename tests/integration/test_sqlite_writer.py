@@ -176,3 +176,27 @@ def test_rows_since_the_last_checkpoint_survive_total_changes_wrapping() -> None
     top = 2**31 - 1
     assert 1_000 == rows_since(-(2**31) + 499, top - 500)  # wrapped between the two
     assert 0 == rows_since(-5, -5)
+
+
+async def test_a_file_that_cannot_take_wal_is_said_in_the_log(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The store works without WAL, but slower and with reads blocking commits: say so. (An
+    in-memory database stands in for a file system without shared memory: neither takes WAL.)"""
+    store = SQLiteStore(":memory:")
+    with caplog.at_level("WARNING", logger="relay.store.sqlite"):
+        await store.open()
+    try:
+        [record] = [r for r in caplog.records if r.getMessage() == "sqlite_not_wal"]
+        assert "memory" == record.journal_mode
+        await register(store, 1)  # and it still commits
+    finally:
+        await store.close()
+
+
+async def test_a_wal_file_logs_no_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("WARNING", logger="relay.store.sqlite"):
+        store = SQLiteStore(str(tmp_path / "relay.db"))
+        await store.open()
+        await store.close()
+    assert [] == [r for r in caplog.records if r.getMessage() == "sqlite_not_wal"]
