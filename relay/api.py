@@ -17,6 +17,7 @@ from aiohttp import hdrs, web
 from aiohttp.http_exceptions import ContentEncodingError, PayloadEncodingError
 from yarl import URL
 
+from relay import jsondata
 from relay.delivery import iso_utc
 from relay.errors import Problem, invalid_field
 from relay.models import TASK_ID_PREFIX, NewWatch, Watch, WatchState
@@ -92,7 +93,7 @@ def json_response(
     body: Any, *, status: int = 200, headers: dict[str, str] | None = None
 ) -> web.Response:
     return web.Response(
-        status=status, body=orjson.dumps(body), content_type="application/json", headers=headers
+        status=status, body=jsondata.dumps(body), content_type="application/json", headers=headers
     )
 
 
@@ -136,7 +137,7 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
         # The client left halfway through its body: not the relay's failure, nothing to log.
         raise Problem(400, "the connection closed before the body ended", kind="body-cut") from None
     try:
-        body = orjson.loads(raw)
+        body = jsondata.loads(raw)  # metadata keeps every integer as registered
     except orjson.JSONDecodeError as exc:
         raise Problem(400, f"the body is not valid JSON: {exc.msg}", kind="bad-json") from None
     if not isinstance(body, dict):
@@ -166,7 +167,7 @@ def validate_metadata(value: Any) -> dict[str, Any] | None:
     if not isinstance(value, dict):
         raise invalid_field("metadata", "must be a JSON object")
     try:
-        encoded = orjson.dumps(value)
+        encoded = jsondata.dumps(value)
     except orjson.JSONEncodeError:  # nested deeper than any serializer here will go
         raise invalid_field("metadata", "is nested too deeply") from None
     if len(encoded) > MAX_METADATA_BYTES:

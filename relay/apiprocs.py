@@ -32,7 +32,7 @@ from typing import Any, Protocol
 import orjson
 from aiohttp import web
 
-from relay import api, logs
+from relay import api, jsondata, logs
 from relay.frames import (
     START_WAIT_S,
     STOP_GRACE_S,
@@ -144,10 +144,10 @@ class CallServer:
     async def answer(self, payload: bytes) -> tuple[int, bytes]:
         """The (kind, payload) of the frame that answers the CALL carrying `payload`."""
         try:
-            deadline, method, *arguments = orjson.loads(payload)
+            deadline, method, *arguments = jsondata.loads(payload)
             if self._clock() > deadline:  # its child answered 503 already: change nothing now
                 return FAILED, orjson.dumps(["busy", "the call waited past its deadline"])
-            result = orjson.dumps(await self._methods[method](*arguments))
+            result = jsondata.dumps(await self._methods[method](*arguments))
         except StoreUnavailable as exc:  # the child counts and logs it, as the relay would
             return FAILED, orjson.dumps(["unavailable", str(exc)])
         except StoreConflict as exc:
@@ -371,7 +371,8 @@ class RemoteService:
         answered: asyncio.Future[tuple[int, bytes]] = asyncio.get_running_loop().create_future()
         self._pending[request_id] = answered
         deadline = time.monotonic() + timeout_s  # one clock for every process of the machine
-        self._outbox.send(encode(CALL, request_id, orjson.dumps([deadline, method, *arguments])))
+        call = jsondata.dumps([deadline, method, *arguments])  # metadata: every integer exact
+        self._outbox.send(encode(CALL, request_id, call))
         try:
             async with asyncio.timeout(timeout_s):
                 kind, payload = await answered
@@ -383,7 +384,7 @@ class RemoteService:
         finally:
             self._pending.pop(request_id, None)
         if kind == RESULT:
-            return orjson.loads(payload)
+            return jsondata.loads(payload)
         failure, message = orjson.loads(payload)
         if failure == "unavailable":
             raise StoreUnavailable(message)

@@ -16,10 +16,9 @@ from datetime import UTC, datetime
 from typing import Protocol
 
 import aiohttp
-import orjson
 from yarl import URL
 
-from relay import __version__, logs, signing
+from relay import __version__, jsondata, logs, signing
 from relay.metrics import Metrics
 from relay.models import DeliveryJob, DeliveryOutcome, DeliveryResult
 from relay.netpolicy import AddressForbidden
@@ -78,7 +77,7 @@ def iso_utc(epoch_s: float) -> str:
 
 def callback_body(job: DeliveryJob) -> bytes:
     """The Standard Webhooks envelope; `task` is the upstream `data` object verbatim (or null)."""
-    return orjson.dumps(
+    return jsondata.dumps(
         {
             "type": job.event_type.value,
             "timestamp": iso_utc(job.event_at),

@@ -14,6 +14,7 @@ from typing import Any
 
 import orjson
 
+from relay import jsondata
 from relay.config import Settings
 from relay.models import (
     DeliveryJob,
@@ -148,6 +149,13 @@ def classify_upstream(
             outcome=PollOutcome.INVALID_RESPONSE,
             http_status=http_status,
             detail="envelope data is not this task",
+        )
+    if snapshot.status.terminal and jsondata.may_hold_a_long_integer(body):
+        # The data goes to the callback verbatim: read it again keeping every integer exact
+        # (once per task, at its end; the fast parse above decided the status).
+        exact = jsondata.loads(body)["data"]
+        snapshot = TaskSnapshot(
+            task_id=task_id, status=snapshot.status, raw_status=snapshot.raw_status, data=exact
         )
     return PollResult(outcome=PollOutcome.OK, snapshot=snapshot, http_status=http_status)
 

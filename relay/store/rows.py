@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-import orjson
-
+from relay import jsondata
 from relay.models import (
     DeliveryJob,
     DeliveryOutcome,
@@ -18,16 +17,17 @@ from relay.models import (
     WatchState,
 )
 
-# JSON is stored as the text of orjson's bytes: it keeps key order and every byte, so a callback
-# carries the upstream data verbatim (PostgreSQL's jsonb would reorder keys).
+# JSON is stored as the text of jsondata's bytes (orjson's, every integer exact): it keeps key
+# order and every value, so a callback carries the upstream data verbatim (PostgreSQL's jsonb
+# would reorder keys).
 
 
 def dumps_or_none(value: Any) -> str | None:
-    return None if value is None else orjson.dumps(value).decode()
+    return None if value is None else jsondata.dumps(value).decode()
 
 
 def loads_or_none(value: str | None) -> Any:
-    return None if value is None else orjson.loads(value)
+    return None if value is None else jsondata.loads(value)
 
 
 class Row(Protocol):

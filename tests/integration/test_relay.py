@@ -4,6 +4,7 @@ and the loops driven one tick at a time on a fake clock."""
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import pytest
@@ -48,6 +49,35 @@ async def test_success_callback_carries_the_upstream_data_verbatim(
         view["polls"],
         view["deliveryAttempts"],
     )
+
+
+@pytest.mark.parametrize("front", ["in-process", "api-process"])
+async def test_integers_past_64_bits_arrive_exact_in_data_and_metadata(
+    relay: Relay, upstream: Upstream, receiver: Receiver
+) -> None:
+    """orjson would read 123456789012345678901234567890 as 1.2345678901234568e+29 (and refuse
+    to write it): the task's data and the metadata keep every digit, through an API process
+    too."""
+    big, negative = 123456789012345678901234567890, -98765432109876543210987
+    raw = (
+        f'{{"code":200,"message":"success","data":{{"taskId":"{TASK}","status":"success",'
+        f'"created":1,"completed":2,"output":[{{"seed":{big},"offset":{negative},"ratio":0.5}}]}}}}'
+    )
+    await upstream.script(TASK, {"body": raw})
+    watch = await relay.register(TASK, receiver.at("/hook"), metadata={"order": big})
+    assert {"order": big} == watch["metadata"]
+
+    assert (1, 1) == await relay.step()
+
+    [received] = receiver.requests
+    signing.verify(received.body, received.headers, SIGNING_SECRET, now=relay.clock())
+    assert b'"metadata":{"order":123456789012345678901234567890}' in received.body
+    assert b'{"seed":123456789012345678901234567890,"offset":-98765432109876543210987' in (
+        received.body
+    )
+    body = json.loads(received.body)  # the standard library keeps every integer
+    assert [{"seed": big, "offset": negative, "ratio": 0.5}] == body["data"]["task"]["output"]
+    assert {"order": big} == (await relay.watch(watch["watchId"]))["metadata"]
 
 
 async def test_fail_callback_carries_the_error(
