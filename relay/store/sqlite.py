@@ -935,7 +935,12 @@ def _settle_all(outcomes: list[_Outcome]) -> None:
     for future, result, error in outcomes:
         if future.done():  # its caller was cancelled; the write itself stands
             continue
-        if error is not None:
-            future.set_exception(error)
-        else:
+        if error is None:
             future.set_result(result)
+        elif isinstance(error, StopIteration):
+            # A future refuses it (TypeError), and the callers after this one would wait forever.
+            failure = RuntimeError("a store write raised StopIteration")
+            failure.__cause__ = error
+            future.set_exception(failure)
+        else:
+            future.set_exception(error)

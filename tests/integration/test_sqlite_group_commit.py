@@ -90,3 +90,22 @@ async def test_a_failing_write_undoes_only_its_own_changes_and_the_rest_commit(
         watches = dict(conn.execute("SELECT watch_id, task_id FROM watches").fetchall())
     assert {"tk-0", "tk-1", "tk-3"} == tasks
     assert {"wt_taken": "tk-0", "wt_1": "tk-1", "wt_3": "tk-3"} == watches
+
+
+async def test_a_write_raising_stopiteration_fails_alone_and_leaves_no_caller_waiting(
+    store: SQLiteStore,
+) -> None:
+    """A future refuses StopIteration as its exception (TypeError): settling the batch used to
+    stop there, and every caller after that one waited forever."""
+
+    def stops(conn: sqlite3.Connection) -> None:
+        raise StopIteration
+
+    outcomes = await asyncio.wait_for(
+        one_batch(store, store._write(stops), register(store, "wt_1", "tk-1")), 5
+    )
+
+    failed, registered = outcomes
+    assert isinstance(failed, RuntimeError)
+    assert isinstance(failed.__cause__, StopIteration)
+    assert ("wt_1", True) == (registered[0].watch_id, registered[1])
