@@ -13,7 +13,7 @@ from aiohttp import web
 from relay import app as app_module
 from relay.app import purge_finished
 from relay.fake_upstream import create_fake_upstream_app
-from tests.conftest import SIGNING_SECRET, Receiver, RelayFactory, Upstream
+from tests.conftest import SIGNING_SECRET, Receiver, Relay, RelayFactory, Upstream
 from tests.processes import RelayProcess, loopback, settle
 
 HOUR = 3600.0
@@ -48,15 +48,23 @@ async def test_finished_watches_go_once_older_than_the_retention_and_active_ones
     assert [watching] == [w["watchId"] for w in listed["watches"]]
 
 
+async def relay_with_old_cancelled_watches(
+    make_relay: RelayFactory, receiver: Receiver, count: int
+) -> Relay:
+    """A relay keeping finished watches an hour, with `count` watches cancelled two hours ago."""
+    relay = await make_relay(watch_retention_s=HOUR)
+    for n in range(count):
+        watch = await relay.register(f"tk-hiapi-ret-{n}", receiver.at("/hook"))
+        assert 204 == (await relay.client.delete(f"/watch/{watch['watchId']}")).status
+    relay.clock.advance(2 * HOUR)
+    return relay
+
+
 async def test_a_backlog_goes_in_batches_until_the_last_short_one(
     make_relay: RelayFactory, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(app_module, "PURGE_BATCH", 2)
-    relay = await make_relay(watch_retention_s=HOUR)
-    for n in range(5):
-        watch = await relay.register(f"tk-hiapi-ret-{n}", receiver.at("/hook"))
-        assert 204 == (await relay.client.delete(f"/watch/{watch['watchId']}")).status
-    relay.clock.advance(2 * HOUR)
+    relay = await relay_with_old_cancelled_watches(make_relay, receiver, 5)
 
     assert 5 == await purge_finished(relay.app)  # 2 + 2 + 1
     assert 5 == relay.sample("relay_watches_purged_total")
@@ -66,11 +74,7 @@ async def test_a_stop_ends_the_sweep_between_batches(
     make_relay: RelayFactory, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(app_module, "PURGE_BATCH", 1)
-    relay = await make_relay(watch_retention_s=HOUR)
-    for n in range(3):
-        watch = await relay.register(f"tk-hiapi-ret-{n}", receiver.at("/hook"))
-        assert 204 == (await relay.client.delete(f"/watch/{watch['watchId']}")).status
-    relay.clock.advance(2 * HOUR)
+    relay = await relay_with_old_cancelled_watches(make_relay, receiver, 3)
     stopping = asyncio.Event()
     store = relay.store
     purge = store.purge_finished
