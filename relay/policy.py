@@ -153,10 +153,7 @@ def classify_upstream(
     if snapshot.status.terminal and jsondata.may_hold_a_long_integer(body):
         # The data goes to the callback verbatim: read it again keeping every integer exact
         # (once per task, at its end; the fast parse above decided the status).
-        exact = jsondata.loads(body)["data"]
-        snapshot = TaskSnapshot(
-            task_id=task_id, status=snapshot.status, raw_status=snapshot.raw_status, data=exact
-        )
+        snapshot.data = jsondata.loads(body)["data"]
     return PollResult(outcome=PollOutcome.OK, snapshot=snapshot, http_status=http_status)
 
 
